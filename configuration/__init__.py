@@ -1,0 +1,28 @@
+"""Settings, use cases and the HTTP contract shared by training and serving."""
+
+from configuration.contract import API_PREFIX, Contract, ModelRef, RowError, contract_for
+from configuration.settings import PROJECT_ROOT, Settings, get_settings
+from configuration.use_case import FeatureSpec, UseCase, UseCaseError, load_use_case
+
+
+def current_use_case(settings: Settings | None = None) -> UseCase:
+    """The use case named by the settings."""
+    settings = settings or get_settings()
+    return load_use_case(settings.use_case_path())
+
+
+__all__ = [
+    "API_PREFIX",
+    "PROJECT_ROOT",
+    "Contract",
+    "FeatureSpec",
+    "ModelRef",
+    "RowError",
+    "Settings",
+    "UseCase",
+    "UseCaseError",
+    "contract_for",
+    "current_use_case",
+    "get_settings",
+    "load_use_case",
+]

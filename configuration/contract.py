@@ -1,0 +1,123 @@
+"""The HTTP contract of a use case: strict pydantic request and response models built from YAML."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from configuration.use_case import FeatureSpec, UseCase
+
+API_PREFIX = "/v1"
+STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _feature_annotation(spec: FeatureSpec) -> Any:
+    description = spec.description + (" (personal data: never a model input)" if spec.pii else "")
+    base: Any
+    if spec.type == "numeric":
+        base = Annotated[
+            float, Field(ge=spec.min, le=spec.max, allow_inf_nan=False, description=description)
+        ]
+    elif spec.type == "categorical":
+        base = Annotated[Literal[spec.categories], Field(description=description)]  # type: ignore[valid-type]
+    elif spec.type == "boolean":
+        base = Annotated[bool, Field(description=description)]
+    else:
+        base = Annotated[str, Field(max_length=spec.max_length, description=description)]
+    return base
+
+
+class ModelRef(BaseModel):
+    """Which model made an answer."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    name: str = Field(description="Registered model name (MLflow and BentoML).")
+    version: str = Field(description="MLflow Model Registry version.")
+    alias: str = Field(description="Registry alias this version was imported under.")
+    flavor: Literal["xgboost", "sklearn"]
+    bento_tag: str = Field(description="Tag of the model in the BentoML store.")
+
+
+class RowError(BaseModel):
+    """Why one row was not scored."""
+
+    index: int = Field(description="Position of the row in the request, from 0.")
+    code: str = Field(description="Machine-readable reason, e.g. invalid_input, inference_failed.")
+    message: str = Field(description="What is wrong, naming the field.")
+    details: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Contract:
+    """The request and response models of one use case, built once and cached."""
+
+    def __init__(self, use_case: UseCase) -> None:
+        self.use_case = use_case
+        title = "".join(part.capitalize() for part in use_case.name.split("_"))
+        fields: dict[str, Any] = {}
+        for spec in use_case.features:
+            annotation = _feature_annotation(spec)
+            required = not (spec.nullable or spec.pii or spec.name == use_case.key)
+            if required:
+                fields[spec.name] = (annotation, ...)
+            else:
+                fields[spec.name] = (annotation | None, None)
+        examples = [dict(e) for e in use_case.examples]
+        self.Row: type[BaseModel] = create_model(
+            f"{title}Row",
+            __config__=ConfigDict(
+                extra="forbid",
+                strict=True,
+                frozen=True,
+                title=f"{title}Row",
+                json_schema_extra={"examples": examples} if examples else None,
+            ),
+            __doc__=f"One {use_case.name} row: {use_case.description.strip()}",
+            **fields,
+        )
+        classes = use_case.target.classes
+        self.Prediction: type[BaseModel] = create_model(
+            f"{title}Prediction",
+            __config__=ConfigDict(frozen=True),
+            __doc__="The answer for one row.",
+            key=(str | None, Field(None, description=f"The request's {use_case.key or 'key'}.")),
+            label=(Literal[classes], Field(description="Predicted class.")),  # type: ignore[valid-type]
+            probabilities=(
+                dict[str, float],
+                Field(description=f"Probability per class, for classes {list(classes)}."),
+            ),
+            score=(
+                float,
+                Field(description="Probability of the predicted (binary: positive) class."),
+            ),
+        )
+        self.PredictResponse: type[BaseModel] = create_model(
+            f"{title}PredictResponse",
+            __config__=ConfigDict(frozen=True, protected_namespaces=()),
+            prediction=(self.Prediction, ...),
+            model=(ModelRef, ...),
+            contract_version=(int, Field(description="Version of this request/response contract.")),
+        )
+        self.PredictBatchResponse: type[BaseModel] = create_model(
+            f"{title}PredictBatchResponse",
+            __config__=ConfigDict(frozen=True, protected_namespaces=()),
+            predictions=(
+                list[self.Prediction | None],  # type: ignore[name-defined]
+                Field(description="One entry per request row, in order; null where it failed."),
+            ),
+            errors=(list[RowError], Field(description="Rows that were not scored, by index.")),
+            model=(ModelRef, ...),
+            contract_version=(int, ...),
+        )
+
+
+_CONTRACTS: dict[tuple[str, str], Contract] = {}
+
+
+def contract_for(use_case: UseCase) -> Contract:
+    """The contract of a use case, built once per use case file content."""
+    cache_key = (use_case.name, use_case.source_sha256)
+    if cache_key not in _CONTRACTS:
+        _CONTRACTS[cache_key] = Contract(use_case)
+    return _CONTRACTS[cache_key]

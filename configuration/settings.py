@@ -1,0 +1,76 @@
+"""Runtime knobs of the scoring service: one frozen Settings class read from SCORING_* variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+USE_CASE_DIR = Path(__file__).resolve().parent / "use_cases"
+
+
+class Settings(BaseSettings):
+    """Every knob of training and serving; override any field with SCORING_<FIELD>."""
+
+    model_config = SettingsConfigDict(env_prefix="SCORING_", frozen=True, extra="forbid")
+
+    # --- what is served -------------------------------------------------------------------
+    use_case: str = Field("churn", description="Use case name: a YAML file in use_case_dir.")
+    use_case_dir: Path = Field(USE_CASE_DIR, description="Folder holding the use case YAML files.")
+    model_flavor: Literal["xgboost", "sklearn"] = Field(
+        "xgboost", description="Which model answers predictions."
+    )
+    model_alias: str = Field(
+        "champion", description="Registry alias imported into the BentoML store and served."
+    )
+
+    # --- batching (adaptive, per runner service) --------------------------------------------
+    preprocess_max_batch_size: PositiveInt = 512
+    preprocess_max_latency_ms: PositiveInt = 20
+    model_max_batch_size: PositiveInt = 512
+    model_max_latency_ms: PositiveInt = 20
+
+    # --- workers and connections --------------------------------------------------------------
+    api_workers: PositiveInt = 1
+    preprocess_workers: PositiveInt = 1
+    model_workers: PositiveInt = 1
+    model_threads: PositiveInt = Field(1, description="XGBoost threads per model worker.")
+    runner_connection_max_requests: PositiveInt = 10**9
+    runner_connection_max_age_s: PositiveFloat = 1e9
+    request_timeout_s: PositiveFloat = 10.0
+
+    # --- request limits -----------------------------------------------------------------------
+    max_batch_rows: PositiveInt = Field(1000, description="Cap on rows in one predict_batch call.")
+    max_body_bytes: PositiveInt = Field(2_000_000, description="Request bodies above this get 413.")
+
+    # --- training -----------------------------------------------------------------------------
+    mlflow_tracking_uri: str = Field(
+        f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}",
+        validation_alias=AliasChoices("SCORING_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="MLflow tracking and registry URI; embedded SQLite by default.",
+    )
+    mlflow_artifact_root: Path = Field(
+        PROJECT_ROOT / "mlartifacts",
+        description="Artifact folder used when MLflow runs embedded (SQLite).",
+    )
+    experiment_name: str = "scoring-{use_case}"
+    seed: int = 42
+    test_size: float = Field(0.2, gt=0, lt=1)
+    demo_rows: PositiveInt = 20_000
+    xgb_n_estimators: PositiveInt = 200
+    xgb_max_depth: PositiveInt = 6
+    xgb_learning_rate: PositiveFloat = 0.05
+    sklearn_c: PositiveFloat = Field(1.0, description="Inverse L2 strength of LogisticRegression.")
+
+    def use_case_path(self, name: str | None = None) -> Path:
+        return self.use_case_dir / f"{name or self.use_case}.yaml"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,193 @@
+"""Use cases declared in YAML, loaded into a typed schema that training and serving share."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FeatureType = Literal["numeric", "categorical", "boolean", "text"]
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+GATE_DIRECTIONS = {"roc_auc": "min", "accuracy": "min", "log_loss": "max"}
+
+
+class UseCaseError(ValueError):
+    """A use case file, or data checked against it, is not valid."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureSpec(_Spec):
+    """One input column: its type, bounds or categories, and whether it is personal data."""
+
+    name: str = Field(pattern=IDENTIFIER)
+    type: FeatureType
+    description: str = Field(min_length=1)
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[str, ...] = ()
+    nullable: bool = False
+    pii: bool = False
+    max_length: int = Field(256, gt=0)
+
+    @model_validator(mode="after")
+    def _check_type_fields(self) -> FeatureSpec:
+        if self.type == "numeric":
+            if self.min is None or self.max is None:
+                raise ValueError(f"numeric feature {self.name!r} needs finite min and max")
+            if not (math.isfinite(self.min) and math.isfinite(self.max) and self.min <= self.max):
+                raise ValueError(f"feature {self.name!r}: bounds must be finite with min <= max")
+        elif self.min is not None or self.max is not None:
+            raise ValueError(f"feature {self.name!r}: min/max apply to numeric features only")
+        if self.type == "categorical":
+            if len(self.categories) < 1 or len(set(self.categories)) != len(self.categories):
+                raise ValueError(f"categorical feature {self.name!r} needs unique categories")
+        elif self.categories:
+            raise ValueError(f"feature {self.name!r}: categories apply to categorical only")
+        return self
+
+    @property
+    def is_model_input(self) -> bool:
+        """Personal data and free text never reach the model."""
+        return not self.pii and self.type != "text"
+
+
+class TargetSpec(_Spec):
+    name: str = Field(pattern=IDENTIFIER)
+    classes: tuple[str, ...] = Field(min_length=2)
+    description: str = ""
+
+
+class GateSpec(_Spec):
+    """A metric on held-out data that must hold before a model can become champion."""
+
+    min: float | None = None
+    max: float | None = None
+
+
+class DataSpec(_Spec):
+    """Where training data comes from: a generator, a bundled scikit-learn dataset, or a file."""
+
+    source: str = Field(
+        description="'generator:<name>', 'sklearn:<name>', or a CSV/Parquet path "
+        "(relative paths are resolved against the use case file)."
+    )
+
+
+class UseCase(_Spec):
+    """A tabular classification use case: the contract of its API and how its models are built."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str
+    task: Literal["binary", "multiclass"]
+    contract_version: int = Field(1, ge=1)
+    key: str | None = Field(None, description="Identifier column echoed in responses.")
+    target: TargetSpec
+    features: tuple[FeatureSpec, ...] = Field(min_length=1)
+    data: DataSpec
+    decision_threshold: float = Field(0.5, gt=0, lt=1)
+    gates: dict[str, GateSpec] = Field(default_factory=dict)
+    examples: tuple[dict[str, Any], ...] = Field(default=(), description="Valid request rows.")
+    source_sha256: str = ""
+
+    @field_validator("features")
+    @classmethod
+    def _unique_names(cls, features: tuple[FeatureSpec, ...]) -> tuple[FeatureSpec, ...]:
+        names = [f.name for f in features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate feature names: {dupes}")
+        if not any(f.is_model_input for f in features):
+            raise ValueError("at least one feature must be a model input")
+        return features
+
+    @field_validator("gates")
+    @classmethod
+    def _known_gates(cls, gates: dict[str, GateSpec]) -> dict[str, GateSpec]:
+        unknown = sorted(set(gates) - set(GATE_DIRECTIONS))
+        if unknown:
+            raise ValueError(f"unknown gate metrics {unknown}; known: {sorted(GATE_DIRECTIONS)}")
+        return gates
+
+    @model_validator(mode="after")
+    def _check_references(self) -> UseCase:
+        names = {f.name for f in self.features}
+        if self.key is not None and self.key not in names:
+            raise ValueError(f"key {self.key!r} is not a declared feature")
+        if self.target.name in names:
+            raise ValueError(f"target {self.target.name!r} must not also be a feature")
+        if self.task == "binary" and len(self.target.classes) != 2:
+            raise ValueError("a binary task needs exactly two classes")
+        return self
+
+    # ---- derived views -------------------------------------------------------------------
+    @cached_property
+    def model_features(self) -> tuple[FeatureSpec, ...]:
+        """Features that the model sees, in the order the preprocessing expects them."""
+        return tuple(f for f in self.features if f.is_model_input)
+
+    @property
+    def model_feature_names(self) -> list[str]:
+        return [f.name for f in self.model_features]
+
+    @property
+    def pii_names(self) -> list[str]:
+        return [f.name for f in self.features if f.pii]
+
+    @property
+    def positive_class(self) -> str:
+        return self.target.classes[-1]
+
+    def registered_name(self, component: str) -> str:
+        """One name across MLflow and BentoML: <use-case>-<component>."""
+        return f"{self.name.replace('_', '-')}-{component}"
+
+    # ---- shared coercion: the only way raw rows become a model input frame ------------------
+    def frame(self, rows: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
+        """Model-input columns with fixed dtypes: numeric and boolean as float64 (NaN when
+        missing), categorical as object (NaN when missing). Training and serving both call this."""
+        raw = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame.from_records(rows)
+        columns: dict[str, Any] = {}
+        for spec in self.model_features:
+            values = raw[spec.name] if spec.name in raw else pd.Series([None] * len(raw))
+            if spec.type == "categorical":
+                col = values.astype(object).to_numpy(copy=True)
+                col[pd.isna(col)] = np.nan
+            else:
+                col = pd.to_numeric(values.astype(object), errors="raise").astype("float64")
+                col = col.to_numpy()
+            columns[spec.name] = col
+        return pd.DataFrame(columns, index=range(len(raw)))
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@lru_cache(maxsize=16)
+def load_use_case(path: Path) -> UseCase:
+    """Read and validate a use case YAML file; errors name the file and the offending field."""
+    path = Path(path)
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise UseCaseError(f"use case file {path} not found; available: {available}")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise UseCaseError(f"{path}: expected a mapping at the top level")
+    raw["source_sha256"] = _file_sha256(path)
+    try:
+        use_case = UseCase.model_validate(raw)
+    except ValueError as exc:
+        raise UseCaseError(f"{path}: {exc}") from exc
+    if use_case.name != path.stem:
+        raise UseCaseError(f"{path}: name {use_case.name!r} must match the file name")
+    return use_case

@@ -1,0 +1,1 @@
+"""Training: data, fitting, MLflow tracking and registry, import into the BentoML store."""

@@ -1,0 +1,177 @@
+"""Import registered MLflow model versions into the BentoML model store, with their lineage.
+
+We copy the native model file out of the registered MLflow model (XGBoost UBJSON, skops) into a
+BentoML model of our own instead of `bentoml.mlflow.import_model`: serving then needs neither
+MLflow nor its pyfunc wrapper (which only returns labels, not probabilities), and the file's
+SHA-256 is recorded here and verified by the runner before it loads anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import mlflow
+from mlflow.models import Model as MLflowModel
+from mlflow.models import ModelSignature
+
+from configuration import Settings, UseCase, UseCaseError
+from training.pipeline import FLAVORS
+from training.registry import PREPROCESSOR, VERSION_TAG_PREPROCESSOR, download, resolve
+
+LOG = logging.getLogger(__name__)
+MODEL_FILES = {"xgboost": "model.ubj", "sklearn": "model.skops", PREPROCESSOR: "model.skops"}
+STORED_FILE = "model{suffix}"
+
+
+class SignatureMismatch(UseCaseError):
+    """A registered model's MLflow signature disagrees with the use case schema."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _columns(schema: Any) -> list[tuple[str, str]]:
+    return [(str(col.name), col.type.name) for col in schema.inputs] if schema else []
+
+
+def check_signatures(
+    use_case: UseCase, preprocessor: ModelSignature | None, model: ModelSignature | None
+) -> list[str]:
+    """Raise SignatureMismatch naming the columns where the registered signatures disagree with
+    the use case; return the encoded feature names."""
+    if preprocessor is None or model is None or preprocessor.outputs is None:
+        raise SignatureMismatch(f"{use_case.name}: registered models carry no MLflow signature")
+    expected = [
+        (f.name, "string" if f.type == "categorical" else "double") for f in use_case.model_features
+    ]
+    found = _columns(preprocessor)
+    problems = []
+    missing = [name for name, _ in expected if name not in dict(found)]
+    extra = [name for name, _ in found if name not in dict(expected)]
+    if missing:
+        problems.append(f"columns in the use case but not in the model: {missing}")
+    if extra:
+        problems.append(f"columns in the model but not in the use case: {extra}")
+    types = dict(found)
+    retyped = [f"{n} ({types[n]} != {t})" for n, t in expected if n in types and types[n] != t]
+    if retyped:
+        problems.append(f"columns with another type: {retyped}")
+    if not problems and [n for n, _ in found] != [n for n, _ in expected]:
+        problems.append("columns are in another order than in the use case")
+    encoded = [str(col.name) for col in preprocessor.outputs.inputs]
+    model_inputs = [name for name, _ in _columns(model)]
+    if model_inputs != encoded:
+        diff = sorted(set(model_inputs) ^ set(encoded))
+        problems.append(f"model inputs differ from the preprocessor outputs: {diff or 'order'}")
+    if problems:
+        raise SignatureMismatch(f"use case {use_case.name!r}: " + "; ".join(problems))
+    return encoded
+
+
+def _save(
+    use_case: UseCase,
+    component: str,
+    version: str,
+    source_dir: Path,
+    labels: dict[str, str],
+    metadata: dict[str, Any],
+) -> bentoml.Model:
+    """Store one native model file under <use-case>-<component>:v<version>-<sha>; re-importing
+    the same file re-creates it so that `:latest` points at the most recent import."""
+    source = source_dir / MODEL_FILES[component]
+    digest = sha256_file(source)
+    tag = f"{use_case.registered_name(component)}:v{version}-{digest[:12]}"
+    try:
+        bentoml.models.delete(tag)
+    except bentoml.exceptions.NotFound:
+        pass
+    stored_name = STORED_FILE.format(suffix=source.suffix)
+    with bentoml.models.create(
+        tag,
+        labels={**labels, "component": component},
+        metadata={**metadata, "file": stored_name, "sha256": digest},
+    ) as model:
+        shutil.copyfile(source, model.path_of(stored_name))
+    return bentoml.models.get(tag)
+
+
+def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str, bentoml.Model]:
+    """Import `models:/<use-case>-<flavor>@<alias>` for each flavor and the preprocessor it was
+    trained with. The serving flavor goes last, so `<use-case>-preprocessor:latest` is its own."""
+    imported: dict[str, bentoml.Model] = {}
+    flavors = sorted(FLAVORS, key=lambda flavor: flavor == settings.model_flavor)
+    with tempfile.TemporaryDirectory(prefix="scoring-import-") as scratch:
+        for flavor in flavors:
+            version = resolve(use_case, flavor, alias)
+            preprocessor_version = version.tags[VERSION_TAG_PREPROCESSOR]
+            pre_dir = download(use_case, PREPROCESSOR, preprocessor_version, Path(scratch) / "p")
+            model_dir = download(use_case, flavor, str(version.version), Path(scratch) / flavor)
+            feature_names = check_signatures(
+                use_case,
+                MLflowModel.load(str(pre_dir / "MLmodel")).signature,
+                MLflowModel.load(str(model_dir / "MLmodel")).signature,
+            )
+            assert version.run_id is not None
+            run = mlflow.MlflowClient().get_run(version.run_id)
+            lineage = {
+                "use_case": use_case.name,
+                "alias": alias,
+                "run_id": version.run_id,
+            }
+            common = {
+                "use_case_sha256": run.data.tags.get("use_case_sha256", ""),
+                "classes": list(use_case.target.classes),
+                "feature_names": feature_names,
+                "tracking_uri": mlflow.get_tracking_uri(),
+                "imported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            pre = _save(
+                use_case,
+                PREPROCESSOR,
+                preprocessor_version,
+                pre_dir,
+                labels={
+                    **lineage,
+                    "registered_name": use_case.registered_name(PREPROCESSOR),
+                    "registered_version": preprocessor_version,
+                },
+                metadata=common,
+            )
+            metrics = {
+                key.removeprefix(f"{flavor}."): value
+                for key, value in run.data.metrics.items()
+                if key.startswith(f"{flavor}.")
+            }
+            imported[flavor] = _save(
+                use_case,
+                flavor,
+                str(version.version),
+                model_dir,
+                labels={
+                    **lineage,
+                    "registered_name": use_case.registered_name(flavor),
+                    "registered_version": str(version.version),
+                    "flavor": flavor,
+                },
+                metadata={
+                    **common,
+                    "metrics": metrics,
+                    "preprocessor_tag": str(pre.tag),
+                    "preprocessor_sha256": pre.info.metadata["sha256"],
+                },
+            )
+            imported[PREPROCESSOR] = pre
+            LOG.info("imported %s (with %s)", imported[flavor].tag, pre.tag)
+    return imported
