@@ -1,8 +1,22 @@
 """Settings, use cases and the HTTP contract shared by training and serving."""
 
-from configuration.contract import API_PREFIX, Contract, ModelRef, RowError, contract_for
+from configuration.contract import (
+    API_PREFIX,
+    Contract,
+    ModelInfo,
+    ModelRef,
+    RowError,
+    StoredModel,
+    contract_for,
+)
 from configuration.settings import PROJECT_ROOT, Settings, get_settings
-from configuration.use_case import FeatureSpec, UseCase, UseCaseError, load_use_case
+from configuration.use_case import (
+    FeatureSpec,
+    UseCase,
+    UseCaseError,
+    load_use_case,
+    registered_name,
+)
 
 
 def current_use_case(settings: Settings | None = None) -> UseCase:
@@ -16,13 +30,16 @@ __all__ = [
     "PROJECT_ROOT",
     "Contract",
     "FeatureSpec",
+    "ModelInfo",
     "ModelRef",
     "RowError",
     "Settings",
+    "StoredModel",
     "UseCase",
     "UseCaseError",
     "contract_for",
     "current_use_case",
     "get_settings",
     "load_use_case",
+    "registered_name",
 ]

@@ -40,6 +40,35 @@ class ModelRef(BaseModel):
     bento_tag: str = Field(description="Tag of the model in the BentoML store.")
 
 
+class StoredModel(BaseModel):
+    """One model as imported into the BentoML store, with its lineage."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    bento_tag: str
+    registered_name: str
+    registered_version: str
+    alias: str
+    run_id: str
+    sha256: str = Field(description="SHA-256 of the model file, verified before loading.")
+    imported_at: str
+    metrics: dict[str, float] = Field(default_factory=dict, description="Held-out metrics.")
+
+
+class ModelInfo(BaseModel):
+    """What is serving."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    use_case: str
+    task: Literal["binary", "multiclass"]
+    classes: list[str]
+    decision_threshold: float
+    contract_version: int
+    serving: ModelRef
+    models: dict[str, StoredModel] = Field(description="Loaded models by component.")
+
+
 class RowError(BaseModel):
     """Why one row was not scored."""
 
@@ -71,7 +100,7 @@ class Contract:
                 strict=True,
                 frozen=True,
                 title=f"{title}Row",
-                json_schema_extra={"examples": examples} if examples else None,
+                json_schema_extra={"example": examples[0]} if examples else None,
             ),
             __doc__=f"One {use_case.name} row: {use_case.description.strip()}",
             **fields,

@@ -18,6 +18,11 @@ IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 GATE_DIRECTIONS = {"roc_auc": "min", "accuracy": "min", "log_loss": "max"}
 
 
+def registered_name(use_case: str, component: str) -> str:
+    """One model name across MLflow and BentoML: <use-case>-<component>."""
+    return f"{use_case.replace('_', '-')}-{component}"
+
+
 class UseCaseError(ValueError):
     """A use case file, or data checked against it, is not valid."""
 
@@ -148,8 +153,14 @@ class UseCase(_Spec):
         return self.target.classes[-1]
 
     def registered_name(self, component: str) -> str:
-        """One name across MLflow and BentoML: <use-case>-<component>."""
-        return f"{self.name.replace('_', '-')}-{component}"
+        return registered_name(self.name, component)
+
+    def decide(self, probabilities: np.ndarray) -> np.ndarray:
+        """Class indices from an (n x k) probability matrix: the decision threshold on the
+        positive class for binary tasks, the most probable class otherwise."""
+        if self.task == "binary":
+            return (probabilities[:, 1] >= self.decision_threshold).astype(np.int64)
+        return probabilities.argmax(axis=1)
 
     # ---- shared coercion: the only way raw rows become a model input frame ------------------
     def frame(self, rows: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:

@@ -53,19 +53,12 @@ def encode_labels(use_case: UseCase, labels: pd.Series) -> np.ndarray:
     return labels.astype(str).map(index).to_numpy(dtype=np.int64)
 
 
-def decide(use_case: UseCase, probabilities: np.ndarray) -> np.ndarray:
-    """Class indices from probabilities: the decision threshold for binary, argmax otherwise."""
-    if use_case.task == "binary":
-        return (probabilities[:, 1] >= use_case.decision_threshold).astype(np.int64)
-    return probabilities.argmax(axis=1)
-
-
 def evaluate(use_case: UseCase, y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     """ROC AUC, log loss and accuracy on held-out rows; one-vs-rest AUC per class for multiclass."""
     n_classes = len(use_case.target.classes)
     metrics = {
         "log_loss": float(log_loss(y_true, probabilities, labels=list(range(n_classes)))),
-        "accuracy": float(accuracy_score(y_true, decide(use_case, probabilities))),
+        "accuracy": float(accuracy_score(y_true, use_case.decide(probabilities))),
     }
     if use_case.task == "binary":
         metrics["roc_auc"] = float(roc_auc_score(y_true, probabilities[:, 1]))

@@ -14,15 +14,13 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from configuration import Settings, UseCase
+from runners.artifacts import SKOPS_TRUSTED_TYPES
 from training.pipeline import FLAVORS, TrainedModels
 
 LOG = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 PREPROCESSOR = "preprocessor"
-# skops refuses to load any type that is not listed; this is everything our preprocessing holds
-# beyond scikit-learn's own defaults (checked at log time with skops.io.get_untrusted_types).
-SKOPS_TRUSTED_TYPES = ["numpy.dtype"]
 VERSION_TAG_PREPROCESSOR = "preprocessor_version"
 
 

@@ -1,0 +1,1 @@
+"""Runner services: the preprocessing and model services that the API service composes."""

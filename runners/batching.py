@@ -1,0 +1,45 @@
+"""Adaptive-batching options shared by the runner services, and per-row failure isolation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from configuration import Settings
+
+LOG = logging.getLogger(__name__)
+
+
+def service_options(settings: Settings, workers: int) -> dict[str, Any]:
+    """`@bentoml.service` options of a runner. Connection refresh is effectively off: the
+    default (every 100 requests) drops in-flight calls under load."""
+    return {
+        "workers": workers,
+        "traffic": {"timeout": settings.request_timeout_s},
+        "runner_connection": {
+            "max_requests": settings.runner_connection_max_requests,
+            "max_age": settings.runner_connection_max_age_s,
+        },
+    }
+
+
+def isolate_failures(
+    compute: Callable[[Any], np.ndarray], batch: Sequence[Any] | np.ndarray, width: int
+) -> np.ndarray:
+    """Run `compute` on the whole batch; if it raises, run it row by row so that one bad row
+    never fails its neighbours. A failed row comes back as a row of NaN (never a valid output
+    of our preprocessing or models), which the API reports for that row alone."""
+    try:
+        return compute(batch)
+    except Exception:  # any failure: isolate it below, with its cause logged
+        LOG.exception("batch of %d failed; retrying row by row", len(batch))
+    out = np.full((len(batch), width), np.nan)
+    for i in range(len(batch)):
+        try:
+            out[i] = compute(batch[i : i + 1])[0]
+        except Exception:
+            LOG.exception("row %d of a batch failed", i)
+    return out

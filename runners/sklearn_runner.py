@@ -1,0 +1,37 @@
+"""scikit-learn runner: an estimator stored with skops, loaded with an explicit trusted-type list."""
+
+from __future__ import annotations
+
+import bentoml
+import numpy as np
+import skops.io
+
+from configuration import get_settings
+from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
+from runners.batching import isolate_failures, service_options
+
+SETTINGS = get_settings()
+
+
+@bentoml.service(name="sklearn", **service_options(SETTINGS, SETTINGS.model_workers))
+class SklearnRunner:
+    """Encoded features (n x d) -> class probabilities (n x k)."""
+
+    bento_model = bentoml.models.BentoModel(model_tag(SETTINGS, "sklearn"))
+
+    def __init__(self) -> None:
+        self.model = self.bento_model
+        self.estimator = skops.io.load(verified_file(self.model), trusted=SKOPS_TRUSTED_TYPES)
+        self.n_classes = len(self.model.info.metadata["classes"])
+
+    def _predict(self, features: np.ndarray) -> np.ndarray:
+        return np.asarray(self.estimator.predict_proba(features), dtype=np.float64)
+
+    @bentoml.api(
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=SETTINGS.model_max_batch_size,
+        max_latency_ms=SETTINGS.model_max_latency_ms,
+    )
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        return isolate_failures(self._predict, features, self.n_classes)

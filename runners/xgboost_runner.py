@@ -1,0 +1,41 @@
+"""XGBoost runner: a native Booster, one thread per worker, `inplace_predict` on batches."""
+
+from __future__ import annotations
+
+import bentoml
+import numpy as np
+import xgboost as xgb
+
+from configuration import get_settings
+from runners.artifacts import model_tag, verified_file
+from runners.batching import isolate_failures, service_options
+
+SETTINGS = get_settings()
+
+
+@bentoml.service(name="xgboost", **service_options(SETTINGS, SETTINGS.model_workers))
+class XGBoostRunner:
+    """Encoded features (n x d) -> class probabilities (n x k)."""
+
+    bento_model = bentoml.models.BentoModel(model_tag(SETTINGS, "xgboost"))
+
+    def __init__(self) -> None:
+        self.model = self.bento_model
+        self.booster = xgb.Booster(model_file=str(verified_file(self.model)))
+        self.booster.set_param({"nthread": SETTINGS.model_threads})
+        self.n_classes = len(self.model.info.metadata["classes"])
+
+    def _predict(self, features: np.ndarray) -> np.ndarray:
+        scores = np.asarray(self.booster.inplace_predict(features), dtype=np.float64)
+        if scores.ndim == 1:  # binary:logistic returns P(positive class) only
+            return np.column_stack([1.0 - scores, scores])
+        return scores
+
+    @bentoml.api(
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=SETTINGS.model_max_batch_size,
+        max_latency_ms=SETTINGS.model_max_latency_ms,
+    )
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        return isolate_failures(self._predict, features, self.n_classes)

@@ -1,0 +1,191 @@
+"""The scoring API: validate (strict contract) -> preprocess (batched) -> predict (batched)."""
+
+from typing import Annotated, Any
+
+import bentoml
+import numpy as np
+from fastapi import FastAPI
+from pydantic import Field, ValidationError
+from starlette.responses import JSONResponse
+
+from configuration import (
+    API_PREFIX,
+    ModelInfo,
+    ModelRef,
+    RowError,
+    StoredModel,
+    contract_for,
+    current_use_case,
+    get_settings,
+)
+from configuration.errors import ContractMiddleware, InferenceFailed, PayloadTooLarge, ScoringError
+from runners.preprocessor import Preprocessor
+from runners.sklearn_runner import SklearnRunner
+from runners.xgboost_runner import XGBoostRunner
+
+SETTINGS = get_settings()
+USE_CASE = current_use_case(SETTINGS)
+CONTRACT = contract_for(USE_CASE)
+Row = CONTRACT.Row
+Prediction = CONTRACT.Prediction
+PredictResponse = CONTRACT.PredictResponse
+PredictBatchResponse = CONTRACT.PredictBatchResponse
+MODEL_RUNNERS = {"xgboost": XGBoostRunner, "sklearn": SklearnRunner}
+BatchRows = Annotated[
+    list[dict[str, Any]],
+    Field(
+        description=f"Rows to score (at most {SETTINGS.max_batch_rows}), each a {Row.__name__}; "
+        "each row is validated on its own and an invalid row is reported by index.",
+        json_schema_extra={"items": Row.model_json_schema()},
+    ),
+]
+
+info_app = FastAPI(title="scoring model info")
+
+
+def stored(model: bentoml.Model) -> StoredModel:
+    labels, metadata = model.info.labels, model.info.metadata
+    return StoredModel(
+        bento_tag=str(model.tag),
+        registered_name=labels["registered_name"],
+        registered_version=labels["registered_version"],
+        alias=labels["alias"],
+        run_id=labels["run_id"],
+        sha256=metadata["sha256"],
+        imported_at=metadata["imported_at"],
+        metrics=metadata.get("metrics", {}),
+    )
+
+
+def error_response(error: ScoringError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+@bentoml.service(
+    name="scoring",
+    workers=SETTINGS.api_workers,
+    traffic={"timeout": SETTINGS.request_timeout_s},
+)
+@bentoml.asgi_app(info_app, path=API_PREFIX)
+class Scoring:
+    """Composes the Preprocessor and the model runners; answers with the serving model's name."""
+
+    preprocessor = bentoml.depends(Preprocessor)
+    xgboost = bentoml.depends(XGBoostRunner)
+    sklearn = bentoml.depends(SklearnRunner)
+
+    def __init__(self) -> None:
+        self.model = getattr(self, SETTINGS.model_flavor)
+        model = MODEL_RUNNERS[SETTINGS.model_flavor].inner.bento_model.resolve()
+        preprocessor = Preprocessor.inner.bento_model.resolve()
+        if model.info.metadata["preprocessor_sha256"] != preprocessor.info.metadata["sha256"]:
+            raise RuntimeError(
+                f"{model.tag} was trained with {model.info.metadata['preprocessor_tag']}, but "
+                f"{preprocessor.tag} is the latest preprocessor: re-import with "
+                "`python -m training import`"
+            )
+        self.model_ref = ModelRef(
+            name=model.info.labels["registered_name"],
+            version=model.info.labels["registered_version"],
+            alias=model.info.labels["alias"],
+            flavor=SETTINGS.model_flavor,
+            bento_tag=str(model.tag),
+        )
+        self.info = ModelInfo(
+            use_case=USE_CASE.name,
+            task=USE_CASE.task,
+            classes=list(USE_CASE.target.classes),
+            decision_threshold=USE_CASE.decision_threshold,
+            contract_version=USE_CASE.contract_version,
+            serving=self.model_ref,
+            models={"preprocessor": stored(preprocessor), SETTINGS.model_flavor: stored(model)},
+        )
+
+    async def _score(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (n x k) and a mask of rows that were scored; a row that a runner
+        failed on is NaN in its output and is masked out, never guessed."""
+        features = await self.preprocessor.to_async.transform(rows)
+        ok = ~np.isnan(features).any(axis=1)
+        probabilities = np.full((len(rows), len(USE_CASE.target.classes)), np.nan)
+        if ok.any():
+            probabilities[ok] = await self.model.to_async.predict_proba(features[ok])
+        return probabilities, ok & ~np.isnan(probabilities).any(axis=1)
+
+    def _predictions(self, rows: list[dict[str, Any]], probabilities: np.ndarray) -> list[Any]:
+        classes = USE_CASE.target.classes
+        decided = USE_CASE.decide(probabilities)
+        return [
+            Prediction(
+                key=row.get(USE_CASE.key) if USE_CASE.key else None,
+                label=classes[label],
+                probabilities=dict(zip(classes, p.tolist(), strict=True)),
+                score=float(p[1] if USE_CASE.task == "binary" else p[label]),
+            )
+            for row, label, p in zip(rows, decided, probabilities, strict=True)
+        ]
+
+    @bentoml.api(route=f"{API_PREFIX}/predict")
+    async def predict(self, instance: Row) -> PredictResponse:  # type: ignore[valid-type]
+        """Score one row."""
+        row = instance.model_dump()  # type: ignore[attr-defined]
+        probabilities, ok = await self._score([row])
+        if not ok[0]:
+            return error_response(InferenceFailed("the model could not score this row"))
+        return PredictResponse(
+            prediction=self._predictions([row], probabilities)[0],
+            model=self.model_ref,
+            contract_version=USE_CASE.contract_version,
+        )
+
+    @bentoml.api(route=f"{API_PREFIX}/predict_batch")
+    async def predict_batch(self, instances: BatchRows) -> PredictBatchResponse:  # type: ignore[valid-type]
+        """Score a list of rows; results in request order, invalid rows reported by index."""
+        if len(instances) > SETTINGS.max_batch_rows:
+            return error_response(
+                PayloadTooLarge(f"{len(instances)} rows exceed the cap of {SETTINGS.max_batch_rows}")
+            )
+        errors: list[RowError] = []
+        valid: list[tuple[int, dict[str, Any]]] = []
+        for index, raw in enumerate(instances):
+            try:
+                valid.append((index, Row.model_validate(raw).model_dump()))
+            except ValidationError as exc:
+                details = exc.errors(include_url=False, include_input=False, include_context=False)
+                message = "; ".join(
+                    f"{'.'.join(str(p) for p in d['loc']) or 'row'}: {d['msg']}" for d in details
+                )
+                errors.append(
+                    RowError(index=index, code="invalid_input", message=message, details=details)
+                )
+        predictions: list[Any] = [None] * len(instances)
+        if valid:
+            rows = [row for _, row in valid]
+            probabilities, ok = await self._score(rows)
+            scored = self._predictions(rows, probabilities)
+            for (index, _), prediction, row_ok in zip(valid, scored, ok, strict=True):
+                if row_ok:
+                    predictions[index] = prediction
+                else:
+                    errors.append(
+                        RowError(
+                            index=index,
+                            code="inference_failed",
+                            message="the model could not score this row",
+                        )
+                    )
+        return PredictBatchResponse(
+            predictions=predictions,
+            errors=sorted(errors, key=lambda e: e.index),
+            model=self.model_ref,
+            contract_version=USE_CASE.contract_version,
+        )
+
+    @info_app.get("/model", response_model=ModelInfo)
+    def model_info(self) -> ModelInfo:
+        """What is serving: use case, models, registry versions and aliases, run ids, metrics."""
+        return self.info
+
+
+Scoring.add_asgi_middleware(
+    ContractMiddleware, prefix=API_PREFIX, max_body_bytes=SETTINGS.max_body_bytes
+)
