@@ -1,6 +1,6 @@
 """The scoring API: validate (strict contract) -> preprocess (batched) -> predict (batched)."""
 
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import bentoml
 import numpy as np
@@ -19,6 +19,7 @@ from configuration import (
     get_settings,
 )
 from configuration.errors import ContractMiddleware, InferenceFailed, PayloadTooLarge, ScoringError
+from runners.artifacts import served_model
 from runners.preprocessor import Preprocessor
 from runners.sklearn_runner import SklearnRunner
 from runners.xgboost_runner import XGBoostRunner
@@ -76,11 +77,11 @@ class Scoring:
 
     def __init__(self) -> None:
         self.model = getattr(self, SETTINGS.model_flavor)
-        model = MODEL_RUNNERS[SETTINGS.model_flavor].inner.bento_model.resolve()
-        preprocessor = Preprocessor.inner.bento_model.resolve()
+        model = served_model(MODEL_RUNNERS[SETTINGS.model_flavor])
+        preprocessor = served_model(Preprocessor)
         if model.info.metadata["preprocessor_sha256"] != preprocessor.info.metadata["sha256"]:
             raise RuntimeError(
-                f"{model.tag} was trained with {model.info.metadata['preprocessor_tag']}, but "
+                f"{model.tag} was trained with {model.info.metadata['preprocessor_tag']!s}, but "
                 f"{preprocessor.tag} is the latest preprocessor: re-import with "
                 "`python -m training import`"
             )
@@ -142,7 +143,9 @@ class Scoring:
         """Score a list of rows; results in request order, invalid rows reported by index."""
         if len(instances) > SETTINGS.max_batch_rows:
             return error_response(
-                PayloadTooLarge(f"{len(instances)} rows exceed the cap of {SETTINGS.max_batch_rows}")
+                PayloadTooLarge(
+                    f"{len(instances)} rows exceed the cap of {SETTINGS.max_batch_rows}"
+                )
             )
         errors: list[RowError] = []
         valid: list[tuple[int, dict[str, Any]]] = []
@@ -186,6 +189,6 @@ class Scoring:
         return self.info
 
 
-Scoring.add_asgi_middleware(
+cast(Any, Scoring).add_asgi_middleware(  # a bentoml.Service at run time
     ContractMiddleware, prefix=API_PREFIX, max_body_bytes=SETTINGS.max_body_bytes
 )

@@ -1,5 +1,10 @@
 """Settings, use cases and the HTTP contract shared by training and serving."""
 
+import os
+
+# No telemetry leaves the machine: BentoML's usage tracking is off unless a user opts back in.
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
 from configuration.contract import (
     API_PREFIX,
     Contract,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -12,20 +12,24 @@ API_PREFIX = "/v1"
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def _feature_annotation(spec: FeatureSpec) -> Any:
+def _feature_field(spec: FeatureSpec, required: bool) -> tuple[Any, Any]:
+    """(type, FieldInfo) of one feature: bounds, categories and the description in OpenAPI."""
     description = spec.description + (" (personal data: never a model input)" if spec.pii else "")
-    base: Any
+    constraints: dict[str, Any] = {}
+    kind: Any
     if spec.type == "numeric":
-        base = Annotated[
-            float, Field(ge=spec.min, le=spec.max, allow_inf_nan=False, description=description)
-        ]
+        kind = float
+        constraints = {"ge": spec.min, "le": spec.max, "allow_inf_nan": False}
     elif spec.type == "categorical":
-        base = Annotated[Literal[spec.categories], Field(description=description)]  # type: ignore[valid-type]
+        kind = Literal[spec.categories]  # type: ignore[valid-type]
     elif spec.type == "boolean":
-        base = Annotated[bool, Field(description=description)]
+        kind = bool
     else:
-        base = Annotated[str, Field(max_length=spec.max_length, description=description)]
-    return base
+        kind = str
+        constraints = {"max_length": spec.max_length}
+    if required:
+        return kind, Field(..., description=description, **constraints)
+    return kind | None, Field(None, description=description, **constraints)
 
 
 class ModelRef(BaseModel):
@@ -86,12 +90,8 @@ class Contract:
         title = "".join(part.capitalize() for part in use_case.name.split("_"))
         fields: dict[str, Any] = {}
         for spec in use_case.features:
-            annotation = _feature_annotation(spec)
             required = not (spec.nullable or spec.pii or spec.name == use_case.key)
-            if required:
-                fields[spec.name] = (annotation, ...)
-            else:
-                fields[spec.name] = (annotation | None, None)
+            fields[spec.name] = _feature_field(spec, required)
         examples = [dict(e) for e in use_case.examples]
         self.Row: type[BaseModel] = create_model(
             f"{title}Row",
@@ -106,12 +106,13 @@ class Contract:
             **fields,
         )
         classes = use_case.target.classes
+        label_type: Any = Literal[classes]  # type: ignore[valid-type]
         self.Prediction: type[BaseModel] = create_model(
             f"{title}Prediction",
             __config__=ConfigDict(frozen=True),
             __doc__="The answer for one row.",
             key=(str | None, Field(None, description=f"The request's {use_case.key or 'key'}.")),
-            label=(Literal[classes], Field(description="Predicted class.")),  # type: ignore[valid-type]
+            label=(label_type, Field(description="Predicted class.")),
             probabilities=(
                 dict[str, float],
                 Field(description=f"Probability per class, for classes {list(classes)}."),

@@ -127,9 +127,8 @@ class ContractMiddleware:
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit():
-                if int(value) > self.max_body_bytes:
-                    return None
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+                return None
         chunks, size = [], 0
         while True:
             message = await receive()

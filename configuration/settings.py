@@ -29,10 +29,12 @@ class Settings(BaseSettings):
     )
 
     # --- batching (adaptive, per runner service) --------------------------------------------
+    # BentoML's max_latency_ms is a load-shedding deadline, not a wait: a request still queued
+    # when it would finish later than this is answered 503. The wait itself is learned.
     preprocess_max_batch_size: PositiveInt = 512
-    preprocess_max_latency_ms: PositiveInt = 20
+    preprocess_max_latency_ms: PositiveInt = 1000
     model_max_batch_size: PositiveInt = 512
-    model_max_latency_ms: PositiveInt = 20
+    model_max_latency_ms: PositiveInt = 1000
 
     # --- workers and connections --------------------------------------------------------------
     api_workers: PositiveInt = 1

@@ -6,12 +6,14 @@ import hashlib
 import math
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FeatureType = Literal["numeric", "categorical", "boolean", "text"]
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -166,17 +168,19 @@ class UseCase(_Spec):
     def frame(self, rows: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
         """Model-input columns with fixed dtypes: numeric and boolean as float64 (NaN when
         missing), categorical as object (NaN when missing). Training and serving both call this."""
+        import pandas as pd  # only the preprocessing worker and training need pandas
+
         raw = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame.from_records(rows)
         columns: dict[str, Any] = {}
         for spec in self.model_features:
             values = raw[spec.name] if spec.name in raw else pd.Series([None] * len(raw))
             if spec.type == "categorical":
-                col = values.astype(object).to_numpy(copy=True)
-                col[pd.isna(col)] = np.nan
+                labels = values.astype(object).to_numpy(copy=True)
+                labels[pd.isna(labels)] = np.nan
+                columns[spec.name] = labels
             else:
-                col = pd.to_numeric(values.astype(object), errors="raise").astype("float64")
-                col = col.to_numpy()
-            columns[spec.name] = col
+                numbers = pd.to_numeric(values.astype(object), errors="raise")
+                columns[spec.name] = numbers.astype("float64").to_numpy()
         return pd.DataFrame(columns, index=range(len(raw)))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import bentoml
 
@@ -22,14 +23,19 @@ def model_tag(settings: Settings, component: str) -> str:
     return f"{registered_name(settings.use_case, component)}:latest"
 
 
+def served_model(service: Any) -> bentoml.Model:
+    """The stored model a runner service declares (resolved without starting the service)."""
+    return service.inner.bento_model.resolve()
+
+
 def verified_file(model: bentoml.Model) -> Path:
     """The model's file, after checking its SHA-256 against the import-time record."""
     metadata = model.info.metadata
-    path = Path(model.path_of(metadata["file"]))
+    path = Path(model.path_of(str(metadata["file"])))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != metadata["sha256"]:
         raise IntegrityError(
-            f"{model.tag}: {path.name} has SHA-256 {digest}, expected {metadata['sha256']}; "
+            f"{model.tag}: {path.name} has SHA-256 {digest}, expected {metadata['sha256']!s}; "
             "refusing to load it"
         )
     return path

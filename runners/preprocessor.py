@@ -1,4 +1,4 @@
-"""Preprocessor runner: the ColumnTransformer fitted at training time, applied to batches of rows."""
+"""Preprocessor runner: the ColumnTransformer fitted in training, applied to batches of rows."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from typing import Any
 
 import bentoml
 import numpy as np
-import skops.io
 
 from configuration import current_use_case, get_settings
 from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
@@ -22,6 +21,8 @@ class Preprocessor:
     bento_model = bentoml.models.BentoModel(model_tag(SETTINGS, "preprocessor"))
 
     def __init__(self) -> None:
+        import skops.io  # heavy (scikit-learn, scipy): only in this service's worker
+
         self.use_case = current_use_case()
         self.model = self.bento_model
         self.transformer = skops.io.load(verified_file(self.model), trusted=SKOPS_TRUSTED_TYPES)

@@ -1,10 +1,9 @@
-"""scikit-learn runner: an estimator stored with skops, loaded with an explicit trusted-type list."""
+"""scikit-learn runner: an estimator stored with skops, loaded with explicit trusted types."""
 
 from __future__ import annotations
 
 import bentoml
 import numpy as np
-import skops.io
 
 from configuration import get_settings
 from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
@@ -20,6 +19,8 @@ class SklearnRunner:
     bento_model = bentoml.models.BentoModel(model_tag(SETTINGS, "sklearn"))
 
     def __init__(self) -> None:
+        import skops.io  # heavy (scikit-learn, scipy): only in this service's worker
+
         self.model = self.bento_model
         self.estimator = skops.io.load(verified_file(self.model), trusted=SKOPS_TRUSTED_TYPES)
         self.n_classes = len(self.model.info.metadata["classes"])

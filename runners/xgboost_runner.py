@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bentoml
 import numpy as np
-import xgboost as xgb
 
 from configuration import get_settings
 from runners.artifacts import model_tag, verified_file
@@ -20,6 +19,8 @@ class XGBoostRunner:
     bento_model = bentoml.models.BentoModel(model_tag(SETTINGS, "xgboost"))
 
     def __init__(self) -> None:
+        import xgboost as xgb  # heavy: only in this service's worker
+
         self.model = self.bento_model
         self.booster = xgb.Booster(model_file=str(verified_file(self.model)))
         self.booster.set_param({"nthread": SETTINGS.model_threads})

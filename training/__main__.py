@@ -45,11 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             result = jobs.train(settings, args.use_case, args.data)
-            print(json.dumps({"run_id": result.run.run_id, "versions": result.run.versions,
-                              "metrics": result.metrics}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "run_id": result.run.run_id,
+                        "versions": result.run.versions,
+                        "metrics": result.metrics,
+                    },
+                    indent=2,
+                )
+            )
         elif args.command == "promote":
             flavors = FLAVORS if args.flavor == "all" else (args.flavor,)
-            promoted = jobs.promote(settings, args.use_case, flavors, args.from_alias, args.to_alias)
+            promoted = jobs.promote(
+                settings, args.use_case, flavors, args.from_alias, args.to_alias
+            )
             print(json.dumps({"promoted": promoted, "alias": args.to_alias}))
         else:
             models = (

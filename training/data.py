@@ -1,4 +1,4 @@
-"""Training data: the synthetic churn generator, bundled datasets, files, and checks against a use case."""
+"""Training data: the churn generator, bundled datasets, files, and checks against a use case."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def generate_churn(n_rows: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     n = n_rows
     cats = {
-        name: rng.choice(values, size=n, p=probs) for name, (values, probs) in CHURN_CATEGORIES.items()
+        name: rng.choice(values, size=n, p=probs)
+        for name, (values, probs) in CHURN_CATEGORIES.items()
     }
     tenure = np.clip(rng.gamma(2.0, 14.0, n), 0, 240).round()
     monthly = np.clip(rng.normal(70, 25, n) + 20 * (cats["internet_service"] == "fiber"), 5, 480)

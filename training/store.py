@@ -8,6 +8,7 @@ SHA-256 is recorded here and verified by the runner before it loads anything.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -93,10 +94,8 @@ def _save(
     source = source_dir / MODEL_FILES[component]
     digest = sha256_file(source)
     tag = f"{use_case.registered_name(component)}:v{version}-{digest[:12]}"
-    try:
+    with contextlib.suppress(bentoml.exceptions.NotFound):
         bentoml.models.delete(tag)
-    except bentoml.exceptions.NotFound:
-        pass
     stored_name = STORED_FILE.format(suffix=source.suffix)
     with bentoml.models.create(
         tag,

@@ -1,0 +1,127 @@
+"""Test fixtures: an isolated BentoML home and MLflow store per session, one small trained demo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# BENTOML_HOME is read once when bentoml is imported: set everything before any import of it.
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="scoring-tests-"))
+TEST_ENV = {
+    "BENTOML_HOME": str(SESSION_DIR / "bentoml"),
+    "BENTOML_DO_NOT_TRACK": "true",
+    "SCORING_MLFLOW_TRACKING_URI": f"sqlite:///{SESSION_DIR / 'mlflow.db'}",
+    "SCORING_MLFLOW_ARTIFACT_ROOT": str(SESSION_DIR / "mlartifacts"),
+    "SCORING_DEMO_ROWS": "4000",
+    "SCORING_XGB_N_ESTIMATORS": "60",
+    "OMP_NUM_THREADS": "1",
+}
+os.environ.update(TEST_ENV)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+PROJECT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> dict:
+    """Train the churn demo once (small), promote it and import it into the session store."""
+    from configuration import get_settings
+    from training import jobs
+
+    return jobs.demo(get_settings())
+
+
+@pytest.fixture(scope="session")
+def churn():
+    from configuration import current_use_case
+
+    return current_use_case()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float) -> float:
+    """Poll `url` until it answers 200; seconds waited. Fails (never skips) on timeout or exit."""
+    import httpx
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if process.poll() is not None:
+            pytest.fail(f"process exited with {process.returncode} before {url} was ready")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"{url} not ready within {timeout_s} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def start_process(
+    args: list[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    with log.open("wb") as output:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            args,
+            cwd=PROJECT,
+            env={**os.environ, **(env or {})},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+@pytest.fixture(scope="session")
+def server(demo_models, tmp_path_factory) -> Iterator[str]:
+    """A real `bentoml serve` process on a free port; its base URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    process = start_process(
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "service:Scoring",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        log,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{base}/readyz", process, timeout_s=120)
+        yield base
+    finally:
+        stop(process)
+        if os.environ.get("SCORING_TEST_SHOW_LOGS"):
+            print(log.read_text()[-5000:])

@@ -1,0 +1,137 @@
+"""End to end: a real `bentoml serve` process over HTTP, and training against a real
+`mlflow server` on 127.0.0.1. These start real processes; in CI nothing here may skip."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import PROJECT, free_port, start_process, stop, wait_for_http
+
+pytestmark = pytest.mark.e2e
+
+
+def batch_sizes(metrics_text: str, runner: str) -> tuple[float, float]:
+    """(sum, count) of BentoML's adaptive batch size histogram for one runner service."""
+    totals = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "bentoml_service_adaptive_batch_size":
+            continue
+        for sample in family.samples:
+            kind = sample.name.rsplit("_", 1)[-1]
+            if sample.labels.get("runner_name") == runner and kind in totals:
+                totals[kind] += sample.value
+    return totals["sum"], totals["count"]
+
+
+def test_served_predictions_over_http(server, churn):
+    row = dict(churn.examples[0])
+    response = httpx.post(f"{server}/v1/predict", json={"instance": row}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["prediction"]["key"] == row["customer_id"]
+    batch = httpx.post(
+        f"{server}/v1/predict_batch", json={"instances": [row, {**row, "age": 999}]}, timeout=30
+    ).json()
+    assert batch["predictions"][0] == response.json()["prediction"]
+    assert batch["errors"][0]["index"] == 1
+    bad = httpx.post(f"{server}/v1/predict", json={"instance": {**row, "age": "x"}}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_input"
+    assert "Traceback" not in bad.text
+    info = httpx.get(f"{server}/v1/model", timeout=30).json()
+    assert info["serving"]["name"] == "churn-xgboost"
+
+
+def test_concurrent_requests_form_batches_and_all_succeed(server, churn):
+    rows = [dict(churn.examples[i % 2], customer_id=f"C-{i}") for i in range(400)]
+    before = httpx.get(f"{server}/metrics", timeout=30).text
+
+    async def fire() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server, timeout=60, limits=limits) as client:
+            return await asyncio.gather(
+                *(client.post("/v1/predict", json={"instance": r}) for r in rows)
+            )
+
+    responses = asyncio.run(fire())
+    assert [r.status_code for r in responses] == [200] * len(rows)
+    assert [r.json()["prediction"]["key"] for r in responses] == [r["customer_id"] for r in rows]
+    after = httpx.get(f"{server}/metrics", timeout=30).text
+    for runner in ("preprocessor", "xgboost"):
+        (sum0, count0), (sum1, count1) = batch_sizes(before, runner), batch_sizes(after, runner)
+        assert sum1 - sum0 == len(rows)  # every request went through the runner exactly once
+        mean_batch = (sum1 - sum0) / (count1 - count0)
+        assert mean_batch > 1.0, f"{runner}: no batches formed (mean size {mean_batch})"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 backed by SQLite, serving artifacts itself."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    process = start_process(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        root / "server.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", process, timeout_s=180)
+        yield url
+    finally:
+        stop(process)
+
+
+def test_training_against_a_remote_mlflow_server(mlflow_server, tmp_path):
+    """The demo job with MLFLOW_TRACKING_URI pointing at a real server: runs, registry aliases and
+    artifacts live on the server, and the import reads them back from it."""
+    bentoml_home = tmp_path / "bentoml"
+    env = {
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "BENTOML_HOME": str(bentoml_home),
+    }
+    env_without_override = {
+        k: v for k, v in os.environ.items() if k != "SCORING_MLFLOW_TRACKING_URI"
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "demo"],
+        env={**env_without_override, **env},
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    champion = client.get_model_version_by_alias("churn-xgboost", "champion")
+    assert champion.tags["run_id"] == champion.run_id
+    run = client.get_run(champion.run_id)
+    assert run.data.metrics["xgboost.roc_auc"] > 0.7
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    stored = list((bentoml_home / "models" / "churn-xgboost").glob("v*/model.yaml"))
+    assert len(stored) == 1
+    text = stored[0].read_text()
+    assert f"run_id: {champion.run_id}" in text
+    assert f"tracking_uri: {mlflow_server}" in text

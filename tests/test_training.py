@@ -1,0 +1,248 @@
+"""Training: data checks, MLflow registry and gates, lineage in the BentoML store, and parity
+between the training path and the serving path."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import bentoml
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from configuration import Settings, get_settings, load_use_case
+from configuration.settings import USE_CASE_DIR
+from configuration.use_case import UseCaseError
+from runners.artifacts import IntegrityError
+from training import jobs
+from training.data import generate_churn, validate_frame
+from training.registry import GateError
+from training.store import SignatureMismatch
+
+from .conftest import PROJECT
+
+
+def settings_with_use_cases(use_case_dir: Path) -> Settings:
+    return get_settings().model_copy(update={"use_case_dir": use_case_dir})
+
+
+def copy_use_case(tmp_path: Path, name: str, mutate=lambda raw: None) -> Path:
+    raw = yaml.safe_load((USE_CASE_DIR / "churn.yaml").read_text())
+    raw["name"] = name
+    mutate(raw)
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path
+
+
+class TestData:
+    def test_generator_is_deterministic_with_signal_missing_values_and_pii(self, churn):
+        first, second = generate_churn(3000, 7), generate_churn(3000, 7)
+        pd.testing.assert_frame_equal(first, second)
+        validate_frame(churn, first)
+        assert first["total_charges"].isna().any() and first["region"].isna().any()
+        assert first["email"].str.contains("@").all()
+        rate = (first["churned"] == "churned").mean()
+        assert 0.2 < rate < 0.5
+        month_to_month = first["contract_type"] == "month_to_month"
+        by_contract = first.groupby(month_to_month)["churned"].apply(
+            lambda s: (s == "churned").mean()
+        )
+        assert by_contract[True] > by_contract[False] + 0.1  # the declared signal is there
+
+    @pytest.mark.parametrize(
+        ("change", "fragment"),
+        [
+            (lambda f: f.drop(columns=["tenure_months"]), "lacks columns ['tenure_months']"),
+            (lambda f: f.assign(plan_tier="gold"), "column 'plan_tier': unknown categories"),
+            (lambda f: f.assign(age=f["age"] + 200), "column 'age': values in"),
+            (lambda f: f.assign(auto_pay="maybe"), "column 'auto_pay': non-boolean"),
+            (lambda f: f.assign(age=None), "column 'age': 3000 missing values"),
+            (lambda f: f.assign(churned="perhaps"), "column 'churned': labels must be one of"),
+        ],
+    )
+    def test_mismatched_data_fails_naming_the_column(self, churn, change, fragment):
+        with pytest.raises(UseCaseError) as info:
+            validate_frame(churn, change(generate_churn(3000, 7)))
+        assert fragment in str(info.value)
+
+
+class TestRegistryAndStore:
+    def test_demo_registers_candidate_and_champion_and_imports_with_lineage(
+        self, demo_models, churn
+    ):
+        client = MlflowClient()
+        model = demo_models["xgboost"]
+        labels, metadata = model.info.labels, model.info.metadata
+        version = client.get_model_version_by_alias("churn-xgboost", "champion")
+        assert client.get_model_version_by_alias("churn-xgboost", "candidate").version == (
+            version.version
+        )
+        assert labels["registered_name"] == "churn-xgboost"
+        assert labels["registered_version"] == str(version.version)
+        assert labels["run_id"] == version.run_id
+        assert labels["alias"] == "champion" and labels["use_case"] == "churn"
+        stored_file = Path(model.path_of(metadata["file"]))
+        assert hashlib.sha256(stored_file.read_bytes()).hexdigest() == metadata["sha256"]
+        assert metadata["use_case_sha256"] == churn.source_sha256
+        assert metadata["metrics"]["roc_auc"] > 0.75
+        run = client.get_run(version.run_id)
+        assert run.data.metrics["xgboost.roc_auc"] == metadata["metrics"]["roc_auc"]
+        assert {"xgboost.log_loss", "sklearn.accuracy", "sklearn.roc_auc"} <= set(run.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(version.run_id, "use_case")}
+        assert artifacts == {"use_case/churn.yaml"}
+        preprocessor = demo_models["preprocessor"]
+        assert metadata["preprocessor_sha256"] == preprocessor.info.metadata["sha256"]
+        assert preprocessor.info.labels["run_id"] == version.run_id
+        assert demo_models["sklearn"].info.metadata["file"] == "model.skops"
+
+    def test_models_are_logged_with_signature_and_input_example(self, demo_models, churn):
+        info = mlflow.models.get_model_info("models:/churn-preprocessor@candidate")
+        assert [c["name"] for c in info.signature.inputs.to_dict()] == churn.model_feature_names
+        assert info.saved_input_example_info is not None
+        xgb_info = mlflow.models.get_model_info("models:/churn-xgboost@champion")
+        assert xgb_info.signature is not None and "xgboost" in xgb_info.flavors
+
+    def test_failing_gate_is_an_error_naming_the_metric(self, demo_models, tmp_path):
+        use_case_dir = copy_use_case(
+            tmp_path, "strict_churn", lambda raw: raw.update(gates={"roc_auc": {"min": 0.999}})
+        )
+        settings = settings_with_use_cases(use_case_dir)
+        jobs.train(settings, "strict_churn")
+        with pytest.raises(GateError, match=r"roc_auc = 0\.\d+ < min 0\.999"):
+            jobs.promote(settings, "strict_churn", ("xgboost",))
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            MlflowClient().get_model_version_by_alias("strict-churn-xgboost", "champion")
+
+    def test_import_refuses_a_model_whose_signature_disagrees_with_the_use_case(
+        self, demo_models, tmp_path
+    ):
+        use_case_dir = copy_use_case(tmp_path, "drift_churn")
+        settings = settings_with_use_cases(use_case_dir)
+        jobs.train(settings, "drift_churn")
+        jobs.promote(settings, "drift_churn")
+
+        def change_schema(raw):
+            raw["features"] = [f for f in raw["features"] if f["name"] != "tenure_months"]
+            for feature in raw["features"]:
+                if feature["name"] == "region":
+                    feature.update(type="numeric", min=0, max=5)
+                    feature.pop("categories")
+            for example in raw["examples"]:
+                example.pop("tenure_months")
+                example["region"] = 1
+
+        copy_use_case(tmp_path, "drift_churn", change_schema)
+        load_use_case.cache_clear()
+        with pytest.raises(SignatureMismatch) as info:
+            jobs.import_models(settings, "drift_churn", "champion")
+        message = str(info.value)
+        assert "not in the use case: ['tenure_months']" in message
+        assert "region (string != double)" in message
+
+    def test_a_third_use_case_needs_only_a_yaml_and_a_csv(self, tmp_path):
+        """Multiclass, from a CSV file, through the CLI: no Python change."""
+        from sklearn.datasets import load_iris
+
+        iris = load_iris(as_frame=True)
+        frame = iris.data.rename(columns=lambda c: c.replace(" (cm)", "").replace(" ", "_"))
+        frame["species"] = np.asarray(iris.target_names)[iris.target]
+        frame.to_csv(tmp_path / "iris.csv", index=False)
+        features = [
+            {"name": c, "type": "numeric", "min": 0, "max": 20, "description": f"{c} in cm"}
+            for c in frame.columns[:4]
+        ]
+        (tmp_path / "iris.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "name": "iris",
+                    "description": "Iris species from flower measurements.",
+                    "task": "multiclass",
+                    "target": {"name": "species", "classes": [str(n) for n in iris.target_names]},
+                    "data": {"source": "iris.csv"},
+                    "gates": {"accuracy": {"min": 0.8}},
+                    "features": features,
+                }
+            )
+        )
+        env = {"SCORING_USE_CASE_DIR": str(tmp_path), "SCORING_USE_CASE": "iris"}
+        result = subprocess.run(
+            [sys.executable, "-m", "training", "demo"],
+            cwd=PROJECT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        model = bentoml.models.get("iris-xgboost:latest")
+        assert model.info.metadata["classes"] == ["setosa", "versicolor", "virginica"]
+        assert "roc_auc.setosa" in model.info.metadata["metrics"]
+        assert model.info.metadata["metrics"]["accuracy"] > 0.8
+
+    def test_cli_reports_a_failing_gate_as_an_error_exit(self, demo_models, tmp_path):
+        use_case_dir = copy_use_case(
+            tmp_path, "gated", lambda raw: raw.update(gates={"log_loss": {"max": 0.01}})
+        )
+        env = {**os.environ, "SCORING_USE_CASE_DIR": str(use_case_dir)}
+        run = subprocess.run(
+            [sys.executable, "-m", "training", "demo", "--use-case", "gated"],
+            cwd=PROJECT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 2
+        assert "log_loss" in run.stderr and "> max 0.01" in run.stderr
+        assert "Traceback" not in run.stderr
+
+
+class TestParity:
+    """The same raw rows through the training path (MLflow-logged sklearn/xgboost objects) and
+    the serving path (the runner services) give identical features and predictions."""
+
+    def test_training_and_serving_paths_agree_on_features_and_probabilities(
+        self, demo_models, churn
+    ):
+        from runners.preprocessor import Preprocessor
+        from runners.sklearn_runner import SklearnRunner
+        from runners.xgboost_runner import XGBoostRunner
+
+        raw = generate_churn(2000, seed=123)
+        rows = raw.drop(columns=["churned"]).to_dict("records")
+        rows = [
+            {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+            for r in rows
+        ]
+
+        trained_preprocessor = mlflow.sklearn.load_model("models:/churn-preprocessor@candidate")
+        expected_features = trained_preprocessor.transform(churn.frame(raw))
+        served_features = Preprocessor.inner().transform(rows)
+        np.testing.assert_array_equal(served_features, expected_features)
+
+        for flavor, runner in (("xgboost", XGBoostRunner), ("sklearn", SklearnRunner)):
+            loader = mlflow.xgboost if flavor == "xgboost" else mlflow.sklearn
+            trained = loader.load_model(f"models:/churn-{flavor}@champion")
+            expected = trained.predict_proba(expected_features)
+            served = runner.inner().predict_proba(served_features)
+            np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
+
+    def test_a_tampered_model_file_is_refused(self, demo_models, tmp_path):
+        from runners.xgboost_runner import XGBoostRunner
+
+        model = demo_models["xgboost"]
+        path = Path(model.path_of(model.info.metadata["file"]))
+        original = path.read_bytes()
+        try:
+            path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+            with pytest.raises(IntegrityError, match="refusing to load"):
+                XGBoostRunner.inner()
+        finally:
+            path.write_bytes(original)
