@@ -4,6 +4,8 @@ every class of bad input."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -11,6 +13,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from runners.batching import isolate_failures
+
+from .conftest import PROJECT
 
 PREDICT = "/v1/predict"
 BATCH = "/v1/predict_batch"
@@ -231,3 +235,21 @@ def test_a_row_the_runner_cannot_encode_fails_alone(demo_models, churn):
     assert not np.isnan(features[0]).any() and not np.isnan(features[2]).any()
     assert np.isnan(features[1]).all()
     np.testing.assert_array_equal(features[0], features[2])
+
+
+def test_the_serving_path_imports_neither_mlflow_nor_training(demo_models):
+    """Load the API service and every runner, then look at what got imported."""
+    script = (
+        "import sys, service\n"
+        "from runners.preprocessor import Preprocessor\n"
+        "from runners.xgboost_runner import XGBoostRunner\n"
+        "from runners.sklearn_runner import SklearnRunner\n"
+        "for svc in (Preprocessor, XGBoostRunner, SklearnRunner):\n"
+        "    svc.inner()\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'training'}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=PROJECT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
