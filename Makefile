@@ -6,7 +6,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK := true
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo serve run test lint build
+.PHONY: help setup demo serve run test lint build bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -30,3 +30,7 @@ lint: setup ## ruff + mypy
 
 build: ## bentoml build (models pinned) from the current BentoML store
 	$(BIN)/bentoml build
+
+bench: setup ## Benchmark a real `bentoml serve` against the in-process limit and a naive FastAPI baseline
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || sudo apt-get install -y wrk
+	$(BIN)/python -m benchmarks --repeat $(or $(REPEAT),1)

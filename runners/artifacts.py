@@ -28,14 +28,16 @@ def served_model(service: Any) -> bentoml.Model:
     return service.inner.bento_model.resolve()
 
 
-def verified_file(model: bentoml.Model) -> Path:
-    """The model's file, after checking its SHA-256 against the import-time record."""
+def verified_file(model: bentoml.Model, key: str = "file") -> Path:
+    """A file of the model (metadata[key] names it, metadata[key + "_sha256"] or, for the main
+    file, metadata["sha256"] holds its hash), after checking its SHA-256."""
     metadata = model.info.metadata
-    path = Path(model.path_of(str(metadata["file"])))
+    expected = metadata["sha256" if key == "file" else f"{key}_sha256"]
+    path = Path(model.path_of(str(metadata[key])))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != metadata["sha256"]:
+    if digest != expected:
         raise IntegrityError(
-            f"{model.tag}: {path.name} has SHA-256 {digest}, expected {metadata['sha256']!s}; "
+            f"{model.tag}: {path.name} has SHA-256 {digest}, expected {expected!s}; "
             "refusing to load it"
         )
     return path

@@ -1,7 +1,9 @@
-"""Preprocessor runner: the ColumnTransformer fitted in training, applied to batches of rows."""
+"""Preprocessor runner: the preprocessing fitted in training, applied to batches of rows."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
 import bentoml
@@ -10,26 +12,39 @@ import numpy as np
 from configuration import current_use_case, get_settings
 from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
 from runners.batching import isolate_failures, service_options
+from runners.encoder import Encoder
 
 SETTINGS = get_settings()
 
 
 @bentoml.service(name="preprocessor", **service_options(SETTINGS, SETTINGS.preprocess_workers))
 class Preprocessor:
-    """Raw rows (dicts keyed by feature name) -> encoded feature matrix (float64, n x d)."""
+    """Raw rows (dicts keyed by feature name) -> encoded feature matrix (float64, n x d).
+
+    Uses the compiled form of the fitted ColumnTransformer (numpy only) when the import stored
+    one, which it does only after proving it identical to the transformer; otherwise the
+    transformer itself through scikit-learn."""
 
     bento_model = bentoml.models.BentoModel(model_tag(SETTINGS, "preprocessor"))
 
     def __init__(self) -> None:
-        import skops.io  # heavy (scikit-learn, scipy): only in this service's worker
-
-        self.use_case = current_use_case()
         self.model = self.bento_model
-        self.transformer = skops.io.load(verified_file(self.model), trusted=SKOPS_TRUSTED_TYPES)
         self.width = len(self.model.info.metadata["feature_names"])
+        self._encode: Callable[[list[dict[str, Any]]], np.ndarray]
+        if "encoder" in self.model.info.metadata:
+            spec = json.loads(verified_file(self.model, "encoder").read_text())
+            self._encode = Encoder.from_dict(spec).encode
+            self.compiled = True
+        else:
+            import skops.io  # heavy (scikit-learn, scipy, pandas): only without a compiled form
 
-    def _encode(self, rows: list[dict[str, Any]]) -> np.ndarray:
-        return np.asarray(self.transformer.transform(self.use_case.frame(rows)), dtype=np.float64)
+            use_case = current_use_case()
+            path = verified_file(self.model)
+            transformer = skops.io.load(path, trusted=SKOPS_TRUSTED_TYPES)
+            self._encode = lambda rows: np.asarray(
+                transformer.transform(use_case.frame(rows)), dtype=np.float64
+            )
+            self.compiled = False
 
     @bentoml.api(
         batchable=True,

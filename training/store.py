@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -23,12 +24,15 @@ from mlflow.models import Model as MLflowModel
 from mlflow.models import ModelSignature
 
 from configuration import Settings, UseCase, UseCaseError
+from runners.artifacts import SKOPS_TRUSTED_TYPES
+from training.encoder_compiler import NotCompilable, check_parity, compile_encoder
 from training.pipeline import FLAVORS
 from training.registry import PREPROCESSOR, VERSION_TAG_PREPROCESSOR, download, resolve
 
 LOG = logging.getLogger(__name__)
 MODEL_FILES = {"xgboost": "model.ubj", "sklearn": "model.skops", PREPROCESSOR: "model.skops"}
 STORED_FILE = "model{suffix}"
+ENCODER_FILE = "encoder.json"
 
 
 class SignatureMismatch(UseCaseError):
@@ -88,22 +92,49 @@ def _save(
     source_dir: Path,
     labels: dict[str, str],
     metadata: dict[str, Any],
+    extra_files: dict[str, tuple[str, bytes]] | None = None,
 ) -> bentoml.Model:
     """Store one native model file under <use-case>-<component>:v<version>-<sha>; re-importing
-    the same file re-creates it so that `:latest` points at the most recent import."""
+    the same file re-creates it so that `:latest` points at the most recent import.
+    `extra_files` maps a metadata key to (file name, content); each gets `<key>_sha256`."""
     source = source_dir / MODEL_FILES[component]
     digest = sha256_file(source)
     tag = f"{use_case.registered_name(component)}:v{version}-{digest[:12]}"
     with contextlib.suppress(bentoml.exceptions.NotFound):
         bentoml.models.delete(tag)
     stored_name = STORED_FILE.format(suffix=source.suffix)
+    extras = extra_files or {}
+    for key, (name, content) in extras.items():
+        metadata = {**metadata, key: name, f"{key}_sha256": hashlib.sha256(content).hexdigest()}
     with bentoml.models.create(
         tag,
         labels={**labels, "component": component},
         metadata={**metadata, "file": stored_name, "sha256": digest},
     ) as model:
         shutil.copyfile(source, model.path_of(stored_name))
+        for name, content in extras.values():
+            Path(model.path_of(name)).write_bytes(content)
     return bentoml.models.get(tag)
+
+
+def compiled_encoder(
+    use_case: UseCase, preprocessor_dir: Path, feature_names: list[str]
+) -> dict[str, tuple[str, bytes]]:
+    """The numpy form of the registered transformer, if it compiles and reproduces the
+    transformer exactly on the use case's examples and random rows; else nothing (the runner
+    then serves the transformer through scikit-learn)."""
+    import skops.io
+
+    transformer = skops.io.load(
+        preprocessor_dir / MODEL_FILES[PREPROCESSOR], trusted=SKOPS_TRUSTED_TYPES
+    )
+    try:
+        encoder = compile_encoder(transformer, feature_names)
+        check_parity(use_case, transformer, encoder)
+    except NotCompilable as exc:
+        LOG.warning("serving the preprocessor through scikit-learn: %s", exc)
+        return {}
+    return {"encoder": (ENCODER_FILE, json.dumps(encoder.to_dict()).encode())}
 
 
 def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str, bentoml.Model]:
@@ -147,6 +178,7 @@ def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str,
                     "registered_version": preprocessor_version,
                 },
                 metadata=common,
+                extra_files=compiled_encoder(use_case, pre_dir, feature_names),
             )
             metrics = {
                 key.removeprefix(f"{flavor}."): value

@@ -1,0 +1,213 @@
+"""Benchmark the scoring service as a real `bentoml serve` process, against the in-process limit
+and a naive FastAPI baseline, all in one run: python -m benchmarks [--duration S] [--repeat N]."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+
+from benchmarks.inprocess import rows_per_second
+from benchmarks.load import LoadResult, PeakRss, run_wrk
+from configuration import PROJECT_ROOT, current_use_case
+
+ROWS_PER_BATCH_REQUEST = 100
+SCENARIOS = [  # (label, rows per request, connections)
+    ("1 row, c=1 (fresh)", 1, 1),
+    ("1 row, c=8", 1, 8),
+    ("1 row, c=64", 1, 64),
+    ("100 rows, c=1", ROWS_PER_BATCH_REQUEST, 1),
+    ("100 rows, c=8", ROWS_PER_BATCH_REQUEST, 8),
+    ("100 rows, c=64", ROWS_PER_BATCH_REQUEST, 64),
+    ("1 row, c=1 (after bursts)", 1, 1),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_demo_model() -> None:
+    import bentoml
+
+    try:
+        bentoml.models.get("churn-xgboost:latest")
+    except bentoml.exceptions.NotFound:
+        print("no demo model in the BentoML store: training it (python -m training demo)")
+        subprocess.run([sys.executable, "-m", "training", "demo"], cwd=PROJECT_ROOT, check=True)
+
+
+def start(args: list[str], ready_url: str, log: Path) -> tuple[subprocess.Popen, float]:
+    """Start a server; (process, seconds until `ready_url` answered 200)."""
+    began = time.perf_counter()
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            args,
+            cwd=PROJECT_ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"},
+            start_new_session=True,
+        )
+    while time.perf_counter() - began < 180:
+        if process.poll() is not None:
+            raise SystemExit(f"{args[2:4]} exited early; see {log}")
+        try:
+            if httpx.get(ready_url, timeout=1).status_code == 200:
+                return process, time.perf_counter() - began
+        except httpx.TransportError:
+            pass
+        time.sleep(0.02)
+    process.kill()
+    raise SystemExit(f"{ready_url} not ready after 180 s; see {log}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def median_result(results: list[LoadResult]) -> LoadResult:
+    return LoadResult(
+        requests_per_s=statistics.median(r.requests_per_s for r in results),
+        p50_ms=statistics.median(r.p50_ms for r in results),
+        p99_ms=statistics.median(r.p99_ms for r in results),
+        errors=sum(r.errors for r in results),
+        requests=sum(r.requests for r in results),
+    )
+
+
+def measure(url: str, rows: int, connections: int, duration: float, repeat: int) -> LoadResult:
+    example = dict(current_use_case().examples[0])
+    if rows == 1:
+        path, body = "/v1/predict", {"instance": example}
+    else:
+        path, body = "/v1/predict_batch", {"instances": [example] * rows}
+    return median_result([run_wrk(url + path, body, connections, duration) for _ in range(repeat)])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per load run")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per scenario (median)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args()
+    ensure_demo_model()
+    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+
+    print("in-process limit (1 core, 1024-row batches) ...", flush=True)
+    limit = rows_per_second()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    service, cold_start = start(
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "service:Scoring",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        f"{url}/readyz",
+        logs / "bench-service.log",
+    )
+    results: dict[str, LoadResult] = {}
+    try:
+        for _ in range(20):  # first requests pay lazy initialisation; not part of any figure
+            httpx.post(f"{url}/v1/predict", json={"instance": current_use_case().examples[0]})
+        with PeakRss(service.pid) as rss:
+            for label, rows, connections in SCENARIOS:
+                print(f"service: {label} ...", flush=True)
+                results[label] = measure(url, rows, connections, args.duration, args.repeat)
+    finally:
+        stop(service)
+
+    port = free_port()
+    naive_url = f"http://127.0.0.1:{port}"
+    naive, _ = start(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "benchmarks.naive_fastapi:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        f"{naive_url}/docs",
+        logs / "bench-naive.log",
+    )
+    naive_results = {}
+    try:
+        for label, connections in (
+            ("naive FastAPI, 1 row, c=1", 1),
+            ("naive FastAPI, 1 row, c=64", 64),
+        ):
+            print(f"{label} ...", flush=True)
+            naive_results[label] = measure(naive_url, 1, connections, args.duration, args.repeat)
+    finally:
+        stop(naive)
+
+    print()
+    print(f"{'scenario':34} {'req/s':>9} {'rows/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for label, result in {**results, **naive_results}.items():
+        rows = ROWS_PER_BATCH_REQUEST if label.startswith("100 rows") else 1
+        print(
+            f"{label:34} {result.requests_per_s:9.0f} {result.requests_per_s * rows:10.0f} "
+            f"{result.p50_ms:8.2f} {result.p99_ms:8.2f} {result.errors:7d}"
+        )
+    ours = results["1 row, c=64"].requests_per_s
+    baseline = naive_results["naive FastAPI, 1 row, c=64"].requests_per_s
+    batch_rows = results["100 rows, c=8"].requests_per_s * ROWS_PER_BATCH_REQUEST
+    print()
+    print(
+        f"cold start to /readyz: {cold_start:.2f} s; peak RSS of all service processes: "
+        f"{rss.peak_bytes / 2**20:.0f} MiB"
+    )
+    print(
+        f"in-process limit: {limit['sklearn']:.0f} rows/s (pandas + ColumnTransformer + "
+        f"inplace_predict), {limit['runners']:.0f} rows/s (the runners' own code)"
+    )
+    print(
+        f"ratio 1 row c=64 vs naive FastAPI: {ours / baseline:.1f}x; "
+        f"100 rows c=8 vs in-process limit: {batch_rows / limit['runners']:.2f}"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "service": {k: asdict(v) for k, v in results.items()},
+                    "naive": {k: asdict(v) for k, v in naive_results.items()},
+                    "cold_start_s": cold_start,
+                    "peak_rss_mib": rss.peak_bytes / 2**20,
+                    "in_process_rows_per_s": limit,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The in-process limit: preprocess + predict on batches in one process, one thread, no HTTP."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import skops.io
+
+from configuration import current_use_case
+from runners.artifacts import SKOPS_TRUSTED_TYPES, verified_file
+from training.data import generate_churn
+
+BATCH_ROWS = 1024
+
+
+def rows_per_second(n_rows: int = 20_480, passes: int = 5) -> dict[str, float]:
+    """Median rows/s over `passes` of `n_rows`, in BATCH_ROWS batches, for two paths:
+    `sklearn`: pandas frame + the fitted ColumnTransformer + Booster.inplace_predict;
+    `runners`: the runner services' own code (dict rows in, probabilities out)."""
+    from runners.preprocessor import Preprocessor
+    from runners.xgboost_runner import XGBoostRunner
+
+    use_case = current_use_case()
+    frame = generate_churn(n_rows, seed=7).drop(columns=[use_case.target.name])
+    records = [
+        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+        for row in frame.to_dict("records")
+    ]
+    preprocessor, model = Preprocessor.inner(), XGBoostRunner.inner()
+    transformer = skops.io.load(verified_file(preprocessor.model), trusted=SKOPS_TRUSTED_TYPES)
+
+    def sklearn_path(start: int) -> None:
+        chunk = use_case.frame(frame.iloc[start : start + BATCH_ROWS])
+        model.booster.inplace_predict(transformer.transform(chunk))
+
+    def runner_path(start: int) -> None:
+        model.predict_proba(preprocessor.transform(records[start : start + BATCH_ROWS]))
+
+    results = {}
+    for name, step in (("sklearn", sklearn_path), ("runners", runner_path)):
+        rates = []
+        for _ in range(passes):
+            began = time.perf_counter()
+            for start in range(0, n_rows, BATCH_ROWS):
+                step(start)
+            rates.append(n_rows / (time.perf_counter() - began))
+        results[name] = statistics.median(rates)
+    return results

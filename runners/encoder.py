@@ -1,0 +1,132 @@
+"""The fitted ColumnTransformer compiled to plain numpy: the same numbers from the same fitted
+parameters, without pandas or scikit-learn on the serving path.
+
+`training/encoder_compiler.py` reads the parameters out of the fitted transformer when a model is
+imported and refuses to store the compiled form unless it reproduces the transformer exactly on
+random rows; `tests/test_encoder.py` checks the same on many more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class NumericBlock:
+    """SimpleImputer (fill) then an optional StandardScaler (center, scale), per column."""
+
+    columns: tuple[str, ...]
+    fill: np.ndarray
+    center: np.ndarray | None = None
+    scale: np.ndarray | None = None
+
+    @property
+    def width(self) -> int:
+        return len(self.columns)
+
+    def encode(self, rows: Sequence[dict[str, Any]], out: np.ndarray) -> None:
+        values = np.array([[row.get(c) for c in self.columns] for row in rows], dtype=np.float64)
+        missing = np.isnan(values)
+        if missing.any():
+            values[missing] = np.broadcast_to(self.fill, values.shape)[missing]
+        if self.center is not None:
+            values -= self.center
+        if self.scale is not None:
+            values /= self.scale
+        out[:] = values
+
+
+@dataclass(frozen=True)
+class OneHotBlock:
+    """OneHotEncoder over fixed categories; missing and unknown values encode as all zeros."""
+
+    columns: tuple[str, ...]
+    categories: tuple[tuple[str, ...], ...]
+
+    @property
+    def width(self) -> int:
+        return sum(len(c) for c in self.categories)
+
+    def encode(self, rows: Sequence[dict[str, Any]], out: np.ndarray) -> None:
+        out[:] = 0.0
+        offset = 0
+        positions = np.arange(len(rows))
+        for column, categories in zip(self.columns, self.categories, strict=True):
+            index = {value: i for i, value in enumerate(categories)}
+            codes = np.fromiter(
+                (index.get(row.get(column), -1) for row in rows), np.int64, len(rows)
+            )
+            known = codes >= 0
+            out[positions[known], offset + codes[known]] = 1.0
+            offset += len(categories)
+
+
+Block = NumericBlock | OneHotBlock
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """Raw rows (dicts keyed by feature name) -> the transformer's output matrix (float64)."""
+
+    blocks: tuple[Block, ...]
+    feature_names: tuple[str, ...]
+
+    def encode(self, rows: Sequence[dict[str, Any]]) -> np.ndarray:
+        out = np.empty((len(rows), len(self.feature_names)), dtype=np.float64)
+        start = 0
+        for block in self.blocks:
+            block.encode(rows, out[:, start : start + block.width])
+            start += block.width
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        blocks: list[dict[str, Any]] = []
+        for block in self.blocks:
+            if isinstance(block, NumericBlock):
+                blocks.append(
+                    {
+                        "kind": "numeric",
+                        "columns": list(block.columns),
+                        "fill": block.fill.tolist(),
+                        "center": None if block.center is None else block.center.tolist(),
+                        "scale": None if block.scale is None else block.scale.tolist(),
+                    }
+                )
+            else:
+                blocks.append(
+                    {
+                        "kind": "onehot",
+                        "columns": list(block.columns),
+                        "categories": [list(c) for c in block.categories],
+                    }
+                )
+        return {"blocks": blocks, "feature_names": list(self.feature_names)}
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> Encoder:
+        def array(values: list[float] | None) -> np.ndarray | None:
+            return None if values is None else np.asarray(values, dtype=np.float64)
+
+        blocks: list[Block] = []
+        for block in spec["blocks"]:
+            if block["kind"] == "numeric":
+                fill = array(block["fill"])
+                assert fill is not None
+                blocks.append(
+                    NumericBlock(
+                        tuple(block["columns"]), fill, array(block["center"]), array(block["scale"])
+                    )
+                )
+            elif block["kind"] == "onehot":
+                categories = tuple(tuple(c) for c in block["categories"])
+                blocks.append(OneHotBlock(tuple(block["columns"]), categories))
+            else:
+                raise ValueError(f"unknown encoder block kind {block['kind']!r}")
+        encoder = cls(tuple(blocks), tuple(spec["feature_names"]))
+        if sum(b.width for b in encoder.blocks) != len(encoder.feature_names):
+            raise ValueError("encoder blocks do not add up to its feature names")
+        return encoder

@@ -1,0 +1,103 @@
+"""The compiled encoder against the fitted scikit-learn ColumnTransformer it was compiled from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from configuration import UseCase
+from runners.encoder import Encoder
+from training.data import generate_churn
+from training.encoder_compiler import (
+    NotCompilable,
+    check_parity,
+    compile_encoder,
+    random_rows,
+)
+from training.pipeline import build_preprocessor
+
+
+@pytest.fixture(scope="module")
+def fitted(churn):
+    frame = generate_churn(3000, seed=11)
+    transformer = build_preprocessor(churn).fit(churn.frame(frame))
+    names = [str(n) for n in transformer.get_feature_names_out()]
+    return transformer, compile_encoder(transformer, names)
+
+
+def value_strategy(spec):
+    if spec.type == "numeric":
+        base = st.floats(spec.min, spec.max, allow_nan=False)
+    elif spec.type == "boolean":
+        base = st.booleans()
+    else:
+        base = st.sampled_from(spec.categories)
+    return st.one_of(st.none(), base) if spec.nullable else base
+
+
+def rows_strategy(use_case: UseCase):
+    row = st.fixed_dictionaries({s.name: value_strategy(s) for s in use_case.model_features})
+    return st.lists(row, min_size=1, max_size=50)
+
+
+def test_identical_on_twenty_thousand_random_rows(churn, fitted):
+    transformer, encoder = fitted
+    rows = random_rows(churn, 20_000, seed=3)
+    expected = transformer.transform(churn.frame(rows))
+    np.testing.assert_array_equal(encoder.encode(rows), expected)
+
+
+def test_identical_on_generated_edge_cases(churn, fitted):
+    transformer, encoder = fitted
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(rows_strategy(churn))
+    def check(rows):
+        expected = transformer.transform(churn.frame(rows))
+        np.testing.assert_array_equal(encoder.encode(rows), expected)
+
+    check()
+
+
+def test_unknown_and_missing_categories_encode_as_zeros_like_scikit_learn(churn, fitted):
+    transformer, encoder = fitted
+    row = dict(churn.examples[0])
+    rows = [row, {**row, "region": "atlantis"}, {**row, "region": None}]
+    np.testing.assert_array_equal(encoder.encode(rows), transformer.transform(churn.frame(rows)))
+    region = [i for i, n in enumerate(encoder.feature_names) if n.startswith("categorical__region")]
+    assert encoder.encode(rows)[1:, region].sum() == 0
+
+
+def test_round_trips_through_json(fitted):
+    _, encoder = fitted
+    again = Encoder.from_dict(encoder.to_dict())
+    rows = [{"age": 30.0}]
+    assert again.feature_names == encoder.feature_names
+    np.testing.assert_array_equal(again.encode(rows), encoder.encode(rows))
+
+
+def test_parity_check_catches_a_wrong_parameter(churn, fitted):
+    transformer, encoder = fitted
+    spec = encoder.to_dict()
+    spec["blocks"][0]["center"][0] += 1e-9
+    with pytest.raises(NotCompilable, match="differs from the transformer"):
+        check_parity(churn, transformer, Encoder.from_dict(spec))
+
+
+def test_unknown_steps_are_not_compiled(churn):
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import MinMaxScaler
+
+    frame = churn.frame(generate_churn(200, seed=1)).fillna({"total_charges": 0.0})
+    transformer = ColumnTransformer([("x", MinMaxScaler(), ["age"])]).fit(frame)
+    with pytest.raises(NotCompilable, match="unsupported steps"):
+        compile_encoder(transformer, ["x__age"])
+
+
+def test_the_served_preprocessor_uses_the_compiled_form(demo_models):
+    from runners.preprocessor import Preprocessor
+
+    assert "encoder" in demo_models["preprocessor"].info.metadata
+    assert Preprocessor.inner().compiled
