@@ -56,7 +56,7 @@ class OneHotBlock:
         offset = 0
         positions = np.arange(len(rows))
         for column, categories in zip(self.columns, self.categories, strict=True):
-            index = {value: i for i, value in enumerate(categories)}
+            index: dict[Any, int] = {value: i for i, value in enumerate(categories)}
             codes = np.fromiter(
                 (index.get(row.get(column), -1) for row in rows), np.int64, len(rows)
             )
