@@ -1,12 +1,14 @@
 """The scoring API: validate (strict contract) -> preprocess (batched) -> predict (batched)."""
 
+import gc
 from typing import Annotated, Any, cast
 
 import bentoml
 import numpy as np
 from fastapi import FastAPI
 from pydantic import Field, ValidationError
-from starlette.responses import JSONResponse
+from pydantic_core import to_json
+from starlette.responses import JSONResponse, Response
 
 from configuration import (
     API_PREFIX,
@@ -20,6 +22,8 @@ from configuration import (
 )
 from configuration.errors import ContractMiddleware, InferenceFailed, PayloadTooLarge, ScoringError
 from runners.artifacts import served_model
+from runners.batching import service_options
+from runners.coalescing import Coalescer
 from runners.preprocessor import Preprocessor
 from runners.sklearn_runner import SklearnRunner
 from runners.xgboost_runner import XGBoostRunner
@@ -28,7 +32,6 @@ SETTINGS = get_settings()
 USE_CASE = current_use_case(SETTINGS)
 CONTRACT = contract_for(USE_CASE)
 Row = CONTRACT.Row
-Prediction = CONTRACT.Prediction
 PredictResponse = CONTRACT.PredictResponse
 PredictBatchResponse = CONTRACT.PredictBatchResponse
 MODEL_RUNNERS = {"xgboost": XGBoostRunner, "sklearn": SklearnRunner}
@@ -62,10 +65,20 @@ def error_response(error: ScoringError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
+def json_response(body: dict[str, Any]) -> Response:
+    """A response body (the shape of the route's declared response model) serialised by
+    pydantic-core and sent as is: BentoML's own response path builds a TypeAdapter and a JSON
+    schema on every request, and response models cost a validation per prediction."""
+    return Response(to_json(body), media_type="application/json")
+
+
 @bentoml.service(
     name="scoring",
-    workers=SETTINGS.api_workers,
-    traffic={"timeout": SETTINGS.request_timeout_s},
+    **service_options(
+        SETTINGS,
+        SETTINGS.api_workers,
+        routes=[f"{API_PREFIX}/predict", f"{API_PREFIX}/predict_batch"],
+    ),
 )
 @bentoml.asgi_app(info_app, path=API_PREFIX)
 class Scoring:
@@ -77,6 +90,9 @@ class Scoring:
 
     def __init__(self) -> None:
         self.model = getattr(self, SETTINGS.model_flavor)
+        self._coalesce = Coalescer(
+            self._run_runners, SETTINGS.api_max_batch_rows, SETTINGS.api_max_in_flight
+        )
         model = served_model(MODEL_RUNNERS[SETTINGS.model_flavor])
         preprocessor = served_model(Preprocessor)
         if model.info.metadata["preprocessor_sha256"] != preprocessor.info.metadata["sha256"]:
@@ -101,41 +117,53 @@ class Scoring:
             serving=self.model_ref,
             models={"preprocessor": stored(preprocessor), SETTINGS.model_flavor: stored(model)},
         )
+        gc.freeze()  # start-up objects are permanent: keep them out of every future collection
 
-    async def _score(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities (n x k) and a mask of rows that were scored; a row that a runner
-        failed on is NaN in its output and is masked out, never guessed."""
+    async def _run_runners(self, rows: list[dict[str, Any]]) -> np.ndarray:
+        """Probabilities (n x k) for a coalesced batch; a row that a runner failed on stays NaN
+        (never guessed) and is not sent on to the model."""
         features = await self.preprocessor.to_async.transform(rows)
         ok = ~np.isnan(features).any(axis=1)
         probabilities = np.full((len(rows), len(USE_CASE.target.classes)), np.nan)
         if ok.any():
             probabilities[ok] = await self.model.to_async.predict_proba(features[ok])
-        return probabilities, ok & ~np.isnan(probabilities).any(axis=1)
+        return probabilities
 
-    def _predictions(self, rows: list[dict[str, Any]], probabilities: np.ndarray) -> list[Any]:
+    async def _score(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (n x k) and the mask of rows that were scored."""
+        probabilities = await self._coalesce(rows)
+        return probabilities, ~np.isnan(probabilities).any(axis=1)
+
+    def _predictions(
+        self, rows: list[dict[str, Any]], probabilities: np.ndarray
+    ) -> list[dict[str, Any]]:
+        """`Prediction`s as plain dicts (the contract tests check them against the model)."""
         classes = USE_CASE.target.classes
-        decided = USE_CASE.decide(probabilities)
+        decided = USE_CASE.decide(probabilities).tolist()
+        score_column = 1 if USE_CASE.task == "binary" else None
         return [
-            Prediction(
-                key=row.get(USE_CASE.key) if USE_CASE.key else None,
-                label=classes[label],
-                probabilities=dict(zip(classes, p.tolist(), strict=True)),
-                score=float(p[1] if USE_CASE.task == "binary" else p[label]),
-            )
-            for row, label, p in zip(rows, decided, probabilities, strict=True)
+            {
+                "key": row.get(USE_CASE.key) if USE_CASE.key else None,
+                "label": classes[label],
+                "probabilities": dict(zip(classes, p, strict=True)),
+                "score": p[label if score_column is None else score_column],
+            }
+            for row, label, p in zip(rows, decided, probabilities.tolist(), strict=True)
         ]
 
     @bentoml.api(route=f"{API_PREFIX}/predict")
     async def predict(self, instance: Row) -> PredictResponse:  # type: ignore[valid-type]
         """Score one row."""
-        row = instance.model_dump()  # type: ignore[attr-defined]
+        row = dict(instance.__dict__)  # type: ignore[attr-defined]  # flat: no model_dump walk
         probabilities, ok = await self._score([row])
         if not ok[0]:
             return error_response(InferenceFailed("the model could not score this row"))
-        return PredictResponse(
-            prediction=self._predictions([row], probabilities)[0],
-            model=self.model_ref,
-            contract_version=USE_CASE.contract_version,
+        return json_response(
+            {
+                "prediction": self._predictions([row], probabilities)[0],
+                "model": self.model_ref,
+                "contract_version": USE_CASE.contract_version,
+            }
         )
 
     @bentoml.api(route=f"{API_PREFIX}/predict_batch")
@@ -151,7 +179,7 @@ class Scoring:
         valid: list[tuple[int, dict[str, Any]]] = []
         for index, raw in enumerate(instances):
             try:
-                valid.append((index, Row.model_validate(raw).model_dump()))
+                valid.append((index, dict(Row.model_validate(raw).__dict__)))
             except ValidationError as exc:
                 details = exc.errors(include_url=False, include_input=False, include_context=False)
                 message = "; ".join(
@@ -176,11 +204,13 @@ class Scoring:
                             message="the model could not score this row",
                         )
                     )
-        return PredictBatchResponse(
-            predictions=predictions,
-            errors=sorted(errors, key=lambda e: e.index),
-            model=self.model_ref,
-            contract_version=USE_CASE.contract_version,
+        return json_response(
+            {
+                "predictions": predictions,
+                "errors": sorted(errors, key=lambda e: e.index),
+                "model": self.model_ref,
+                "contract_version": USE_CASE.contract_version,
+            }
         )
 
     @info_app.get("/model", response_model=ModelInfo)

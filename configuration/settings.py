@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     model_max_batch_size: PositiveInt = 512
     model_max_latency_ms: PositiveInt = 1000
 
+    # --- API-side coalescing: rows of concurrent requests leave in one runner call ---------
+    api_max_batch_rows: PositiveInt = 512
+    api_max_in_flight: PositiveInt = Field(2, description="Runner calls in flight per API worker.")
+
     # --- workers and connections --------------------------------------------------------------
     api_workers: PositiveInt = 1
     preprocess_workers: PositiveInt = 1
@@ -44,6 +48,9 @@ class Settings(BaseSettings):
     runner_connection_max_requests: PositiveInt = 10**9
     runner_connection_max_age_s: PositiveFloat = 1e9
     request_timeout_s: PositiveFloat = 10.0
+    trace_requests: bool = Field(
+        False, description="OpenTelemetry spans for scoring routes (configure an exporter too)."
+    )
 
     # --- request limits -----------------------------------------------------------------------
     max_batch_rows: PositiveInt = Field(1000, description="Cap on rows in one predict_batch call.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,10 @@ from runners.encoder import Encoder
 SETTINGS = get_settings()
 
 
-@bentoml.service(name="preprocessor", **service_options(SETTINGS, SETTINGS.preprocess_workers))
+@bentoml.service(
+    name="preprocessor",
+    **service_options(SETTINGS, SETTINGS.preprocess_workers, routes=["/transform"]),
+)
 class Preprocessor:
     """Raw rows (dicts keyed by feature name) -> encoded feature matrix (float64, n x d).
 
@@ -45,6 +49,7 @@ class Preprocessor:
                 transformer.transform(use_case.frame(rows)), dtype=np.float64
             )
             self.compiled = False
+        gc.freeze()  # what is loaded is permanent: keep it out of every future collection
 
     @bentoml.api(
         batchable=True,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import bentoml
 import numpy as np
 
@@ -12,7 +14,9 @@ from runners.batching import isolate_failures, service_options
 SETTINGS = get_settings()
 
 
-@bentoml.service(name="sklearn", **service_options(SETTINGS, SETTINGS.model_workers))
+@bentoml.service(
+    name="sklearn", **service_options(SETTINGS, SETTINGS.model_workers, routes=["/predict_proba"])
+)
 class SklearnRunner:
     """Encoded features (n x d) -> class probabilities (n x k)."""
 
@@ -24,6 +28,7 @@ class SklearnRunner:
         self.model = self.bento_model
         self.estimator = skops.io.load(verified_file(self.model), trusted=SKOPS_TRUSTED_TYPES)
         self.n_classes = len(self.model.info.metadata["classes"])
+        gc.freeze()  # the loaded model is permanent: keep it out of every future collection
 
     def _predict(self, features: np.ndarray) -> np.ndarray:
         return np.asarray(self.estimator.predict_proba(features), dtype=np.float64)

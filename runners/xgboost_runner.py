@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import sys
+from types import ModuleType
+
 import bentoml
 import numpy as np
 
@@ -12,19 +16,37 @@ from runners.batching import isolate_failures, service_options
 SETTINGS = get_settings()
 
 
-@bentoml.service(name="xgboost", **service_options(SETTINGS, SETTINGS.model_workers))
+def import_xgboost_without_sklearn() -> ModuleType:
+    """xgboost imports scikit-learn (and so scipy.stats and pandas: 3.5 s and 140 MB here) just
+    to offer its sklearn wrappers, which a Booster does not use. Unless this process already
+    has scikit-learn, import xgboost with it hidden."""
+    if "sklearn" in sys.modules:
+        import xgboost
+
+        return xgboost
+    sys.modules["sklearn"] = None  # type: ignore[assignment]  # makes `import sklearn` fail
+    try:
+        import xgboost
+    finally:
+        del sys.modules["sklearn"]
+    return xgboost
+
+
+@bentoml.service(
+    name="xgboost", **service_options(SETTINGS, SETTINGS.model_workers, routes=["/predict_proba"])
+)
 class XGBoostRunner:
     """Encoded features (n x d) -> class probabilities (n x k)."""
 
     bento_model = bentoml.models.BentoModel(model_tag(SETTINGS, "xgboost"))
 
     def __init__(self) -> None:
-        import xgboost as xgb  # heavy: only in this service's worker
-
+        xgb = import_xgboost_without_sklearn()
         self.model = self.bento_model
         self.booster = xgb.Booster(model_file=str(verified_file(self.model)))
         self.booster.set_param({"nthread": SETTINGS.model_threads})
         self.n_classes = len(self.model.info.metadata["classes"])
+        gc.freeze()  # the loaded model is permanent: keep it out of every future collection
 
     def _predict(self, features: np.ndarray) -> np.ndarray:
         scores = np.asarray(self.booster.inplace_predict(features), dtype=np.float64)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
+from configuration import contract_for
 from runners.batching import isolate_failures
 
 from .conftest import PROJECT
@@ -46,7 +47,7 @@ def assert_error(response, status: int, code: str, mentions: str = "") -> dict:
 
 class TestPredict:
     def test_answers_label_probabilities_and_the_model_that_made_them(
-        self, client, row, demo_models
+        self, client, row, demo_models, churn
     ):
         response = client.post(PREDICT, json={"instance": row})
         assert response.status_code == 200
@@ -67,6 +68,7 @@ class TestPredict:
             "bento_tag": str(demo_models["xgboost"].tag),
         }
         assert body["contract_version"] == 1
+        contract_for(churn).PredictResponse.model_validate(body)
 
     def test_probabilities_equal_the_model_on_the_encoded_row(self, client, row, churn):
         import mlflow
@@ -160,6 +162,7 @@ class TestPredictBatch:
         assert "age" in body["errors"][0]["message"]
         assert "nonsense" in body["errors"][1]["message"]
         assert body["model"]["name"] == "churn-xgboost"
+        contract_for(churn).PredictBatchResponse.model_validate(body)
 
     def test_rows_over_the_cap_are_413(self, client, row):
         from configuration import get_settings
