@@ -122,7 +122,7 @@ class Scoring:
     async def _run_runners(self, rows: list[dict[str, Any]]) -> np.ndarray:
         """Probabilities (n x k) for a coalesced batch; a row that a runner failed on stays NaN
         (never guessed) and is not sent on to the model."""
-        features = await self.preprocessor.to_async.transform(rows)
+        features = await self.preprocessor.to_async.transform(USE_CASE.matrix(rows))
         ok = ~np.isnan(features).any(axis=1)
         probabilities = np.full((len(rows), len(USE_CASE.target.classes)), np.nan)
         if ok.any():

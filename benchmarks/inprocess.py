@@ -36,7 +36,8 @@ def rows_per_second(n_rows: int = 20_480, passes: int = 5) -> dict[str, float]:
         model.booster.inplace_predict(transformer.transform(chunk))
 
     def runner_path(start: int) -> None:
-        model.predict_proba(preprocessor.transform(records[start : start + BATCH_ROWS]))
+        matrix = use_case.matrix(records[start : start + BATCH_ROWS])
+        model.predict_proba(preprocessor.transform(matrix))
 
     results = {}
     for name, step in (("sklearn", sklearn_path), ("runners", runner_path)):

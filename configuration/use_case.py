@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -164,13 +165,28 @@ class UseCase(_Spec):
             return (probabilities[:, 1] >= self.decision_threshold).astype(np.int64)
         return probabilities.argmax(axis=1)
 
-    # ---- shared coercion: the only way raw rows become a model input frame ------------------
-    def frame(self, rows: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
+    # ---- shared coercion: the only ways raw rows become model input --------------------------
+    def matrix(self, rows: Sequence[dict[str, Any]]) -> np.ndarray:
+        """Model-input values as an object matrix (n x model features, in the order of
+        `model_feature_names`; None where missing): the compact form rows travel in between
+        the API and the preprocessor (a list of dicts costs a validation walk on both sides)."""
+        names = self.model_feature_names
+        out = np.empty((len(rows), len(names)), dtype=object)
+        if rows:
+            out[:] = [[row.get(name) for name in names] for row in rows]
+        return out
+
+    def frame(self, rows: pd.DataFrame | np.ndarray | Sequence[dict[str, Any]]) -> pd.DataFrame:
         """Model-input columns with fixed dtypes: numeric and boolean as float64 (NaN when
         missing), categorical as object (NaN when missing). Training and serving both call this."""
         import pandas as pd  # only the preprocessing worker and training need pandas
 
-        raw = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame.from_records(rows)
+        if isinstance(rows, pd.DataFrame):
+            raw = rows
+        elif isinstance(rows, np.ndarray):
+            raw = pd.DataFrame(rows, columns=self.model_feature_names)
+        else:
+            raw = pd.DataFrame.from_records(list(rows))
         columns: dict[str, Any] = {}
         for spec in self.model_features:
             values = raw[spec.name] if spec.name in raw else pd.Series([None] * len(raw))

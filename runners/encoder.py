@@ -8,7 +8,6 @@ random rows; `tests/test_encoder.py` checks the same on many more.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +27,10 @@ class NumericBlock:
     def width(self) -> int:
         return len(self.columns)
 
-    def encode(self, rows: Sequence[dict[str, Any]], out: np.ndarray) -> None:
-        values = np.array([[row.get(c) for c in self.columns] for row in rows], dtype=np.float64)
-        missing = np.isnan(values)
+    def encode(self, raw: np.ndarray, out: np.ndarray) -> None:
+        """raw: the block's input columns (object: numbers, booleans, None)."""
+        missing = raw == None  # noqa: E711  (elementwise on an object array)
+        values = np.where(missing, np.nan, raw).astype(np.float64)
         if missing.any():
             values[missing] = np.broadcast_to(self.fill, values.shape)[missing]
         if self.center is not None:
@@ -51,15 +51,13 @@ class OneHotBlock:
     def width(self) -> int:
         return sum(len(c) for c in self.categories)
 
-    def encode(self, rows: Sequence[dict[str, Any]], out: np.ndarray) -> None:
+    def encode(self, raw: np.ndarray, out: np.ndarray) -> None:
         out[:] = 0.0
         offset = 0
-        positions = np.arange(len(rows))
-        for column, categories in zip(self.columns, self.categories, strict=True):
+        positions = np.arange(len(raw))
+        for j, categories in enumerate(self.categories):
             index: dict[Any, int] = {value: i for i, value in enumerate(categories)}
-            codes = np.fromiter(
-                (index.get(row.get(column), -1) for row in rows), np.int64, len(rows)
-            )
+            codes = np.fromiter((index.get(v, -1) for v in raw[:, j]), np.int64, len(raw))
             known = codes >= 0
             out[positions[known], offset + codes[known]] = 1.0
             offset += len(categories)
@@ -70,16 +68,27 @@ Block = NumericBlock | OneHotBlock
 
 @dataclass(frozen=True)
 class Encoder:
-    """Raw rows (dicts keyed by feature name) -> the transformer's output matrix (float64)."""
+    """Raw values (n x input columns, object) -> the transformer's output matrix (float64)."""
 
+    input_columns: tuple[str, ...]
     blocks: tuple[Block, ...]
     feature_names: tuple[str, ...]
 
-    def encode(self, rows: Sequence[dict[str, Any]]) -> np.ndarray:
-        out = np.empty((len(rows), len(self.feature_names)), dtype=np.float64)
+    def __post_init__(self) -> None:
+        unknown = {c for b in self.blocks for c in b.columns} - set(self.input_columns)
+        if unknown:
+            raise ValueError(f"encoder blocks read columns it is not given: {sorted(unknown)}")
+        if sum(b.width for b in self.blocks) != len(self.feature_names):
+            raise ValueError("encoder blocks do not add up to its feature names")
+        position = {name: i for i, name in enumerate(self.input_columns)}
+        indices = tuple(np.array([position[c] for c in b.columns]) for b in self.blocks)
+        object.__setattr__(self, "_indices", indices)
+
+    def encode(self, raw: np.ndarray) -> np.ndarray:
+        out = np.empty((len(raw), len(self.feature_names)), dtype=np.float64)
         start = 0
-        for block in self.blocks:
-            block.encode(rows, out[:, start : start + block.width])
+        for block, columns in zip(self.blocks, self._indices, strict=True):  # type: ignore[attr-defined]
+            block.encode(raw[:, columns], out[:, start : start + block.width])
             start += block.width
         return out
 
@@ -104,7 +113,11 @@ class Encoder:
                         "categories": [list(c) for c in block.categories],
                     }
                 )
-        return {"blocks": blocks, "feature_names": list(self.feature_names)}
+        return {
+            "input_columns": list(self.input_columns),
+            "blocks": blocks,
+            "feature_names": list(self.feature_names),
+        }
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> Encoder:
@@ -126,7 +139,4 @@ class Encoder:
                 blocks.append(OneHotBlock(tuple(block["columns"]), categories))
             else:
                 raise ValueError(f"unknown encoder block kind {block['kind']!r}")
-        encoder = cls(tuple(blocks), tuple(spec["feature_names"]))
-        if sum(b.width for b in encoder.blocks) != len(encoder.feature_names):
-            raise ValueError("encoder blocks do not add up to its feature names")
-        return encoder
+        return cls(tuple(spec["input_columns"]), tuple(blocks), tuple(spec["feature_names"]))

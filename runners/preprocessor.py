@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Callable
-from typing import Any
 
 import bentoml
 import numpy as np
@@ -23,7 +22,8 @@ SETTINGS = get_settings()
     **service_options(SETTINGS, SETTINGS.preprocess_workers, routes=["/transform"]),
 )
 class Preprocessor:
-    """Raw rows (dicts keyed by feature name) -> encoded feature matrix (float64, n x d).
+    """Raw values (n x model features, object, as `UseCase.matrix` lays them out) -> encoded
+    feature matrix (float64, n x d).
 
     Uses the compiled form of the fitted ColumnTransformer (numpy only) when the import stored
     one, which it does only after proving it identical to the transformer; otherwise the
@@ -34,7 +34,7 @@ class Preprocessor:
     def __init__(self) -> None:
         self.model = self.bento_model
         self.width = len(self.model.info.metadata["feature_names"])
-        self._encode: Callable[[list[dict[str, Any]]], np.ndarray]
+        self._encode: Callable[[np.ndarray], np.ndarray]
         if "encoder" in self.model.info.metadata:
             spec = json.loads(verified_file(self.model, "encoder").read_text())
             self._encode = Encoder.from_dict(spec).encode
@@ -57,5 +57,5 @@ class Preprocessor:
         max_batch_size=SETTINGS.preprocess_max_batch_size,
         max_latency_ms=SETTINGS.preprocess_max_latency_ms,
     )
-    def transform(self, rows: list[dict[str, Any]]) -> np.ndarray:
+    def transform(self, rows: np.ndarray) -> np.ndarray:
         return isolate_failures(self._encode, rows, self.width)

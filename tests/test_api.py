@@ -234,7 +234,7 @@ def test_a_row_the_runner_cannot_encode_fails_alone(demo_models, churn):
 
     preprocessor = Preprocessor.inner()
     good = dict(churn.examples[0])
-    features = preprocessor.transform([good, {**good, "age": "not a number"}, good])
+    features = preprocessor.transform(churn.matrix([good, {**good, "age": "not a number"}, good]))
     assert not np.isnan(features[0]).any() and not np.isnan(features[2]).any()
     assert np.isnan(features[1]).all()
     np.testing.assert_array_equal(features[0], features[2])

@@ -224,7 +224,7 @@ class TestParity:
 
         trained_preprocessor = mlflow.sklearn.load_model("models:/churn-preprocessor@candidate")
         expected_features = trained_preprocessor.transform(churn.frame(raw))
-        served_features = Preprocessor.inner().transform(rows)
+        served_features = Preprocessor.inner().transform(churn.matrix(rows))
         np.testing.assert_array_equal(served_features, expected_features)
 
         for flavor, runner in (("xgboost", XGBoostRunner), ("sklearn", SklearnRunner)):

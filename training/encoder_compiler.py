@@ -44,7 +44,9 @@ def _onehot(columns: list[str], encoder: OneHotEncoder) -> OneHotBlock:
     return OneHotBlock(tuple(columns), categories)
 
 
-def compile_encoder(transformer: ColumnTransformer, feature_names: list[str]) -> Encoder:
+def compile_encoder(
+    transformer: ColumnTransformer, input_columns: list[str], feature_names: list[str]
+) -> Encoder:
     """Read the fitted parameters out of `transformer` (the shape `training.pipeline` builds)."""
     if transformer.remainder != "drop":
         raise NotCompilable("remainder columns are passed through")
@@ -60,7 +62,7 @@ def compile_encoder(transformer: ColumnTransformer, feature_names: list[str]) ->
             blocks.append(_numeric(columns, steps))
         else:
             raise NotCompilable(f"{columns}: unsupported steps {steps!r}")
-    return Encoder(tuple(blocks), tuple(feature_names))
+    return Encoder(tuple(input_columns), tuple(blocks), tuple(feature_names))
 
 
 def random_rows(use_case: UseCase, n_rows: int, seed: int) -> list[dict[str, Any]]:
@@ -91,7 +93,7 @@ def check_parity(
     """Raise NotCompilable unless the encoder reproduces the transformer exactly."""
     rows = [dict(e) for e in use_case.examples] + random_rows(use_case, n_rows, seed=0)
     expected = np.asarray(transformer.transform(use_case.frame(rows)), dtype=np.float64)
-    got = encoder.encode(rows)
+    got = encoder.encode(use_case.matrix(rows))
     if got.shape != expected.shape or not np.array_equal(got, expected):
         bad = int((got != expected).any(axis=1).sum()) if got.shape == expected.shape else "all"
         raise NotCompilable(f"compiled encoder differs from the transformer on {bad} rows")

@@ -129,7 +129,7 @@ def compiled_encoder(
         preprocessor_dir / MODEL_FILES[PREPROCESSOR], trusted=SKOPS_TRUSTED_TYPES
     )
     try:
-        encoder = compile_encoder(transformer, feature_names)
+        encoder = compile_encoder(transformer, use_case.model_feature_names, feature_names)
         check_parity(use_case, transformer, encoder)
     except NotCompilable as exc:
         LOG.warning("serving the preprocessor through scikit-learn: %s", exc)
