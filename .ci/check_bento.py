@@ -5,7 +5,7 @@ from pathlib import Path
 
 import bentoml
 
-REQUIRED_MODELS = {"preprocessor", "xgboost", "sklearn"}
+REQUIRED_MODELS = {"preprocessor", "xgboost"}  # the default serving flavor
 FORBIDDEN_PACKAGES = ("mlflow", "xgboost==")  # training-only / the CUDA-pulling wheel
 
 

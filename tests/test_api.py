@@ -4,6 +4,7 @@ every class of bad input."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -256,3 +257,31 @@ def test_the_serving_path_imports_neither_mlflow_nor_training(demo_models):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_scikit_learn_model_serves_when_configured(demo_models, churn):
+    """SCORING_MODEL_FLAVOR=sklearn: the API composes the scikit-learn runner instead."""
+    script = (
+        "import json, service\n"
+        "from starlette.testclient import TestClient\n"
+        "with TestClient(service.Scoring.to_asgi()) as client:\n"
+        "    r = client.post('/v1/predict', json={'instance': service.USE_CASE.examples[0]})\n"
+        "    print(r.status_code, json.dumps(r.json()))\n"
+    )
+    env = {**os.environ, "SCORING_MODEL_FLAVOR": "sklearn"}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    status, body = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    answer = json.loads(body)
+    assert status == "200"
+    assert answer["model"]["name"] == "churn-sklearn"
+    assert answer["model"]["flavor"] == "sklearn"
+    assert answer["model"]["bento_tag"] == str(demo_models["sklearn"].tag)
+    assert sum(answer["prediction"]["probabilities"].values()) == pytest.approx(1.0)
