@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 
@@ -37,7 +38,7 @@ def rows_per_second(n_rows: int = 20_480, passes: int = 5) -> dict[str, float]:
 
     def runner_path(start: int) -> None:
         matrix = use_case.matrix(records[start : start + BATCH_ROWS])
-        model.predict_proba(preprocessor.transform(matrix))
+        asyncio.run(model.predict_proba(asyncio.run(preprocessor.transform(matrix))))
 
     results = {}
     for name, step in (("sklearn", sklearn_path), ("runners", runner_path)):

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from configuration import Settings
 
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
 LOG = logging.getLogger(__name__)
+BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+@functools.cache
+def batch_rows() -> Histogram:
+    """Rows per batch each runner processed (`scoring_runner_batch_rows{runner}`); BentoML's
+    own `adaptive_batch_size` counts calls, and the API sends many rows per call."""
+    from prometheus_client import Histogram  # only once BentoML has set up multiprocess mode
+
+    return Histogram(
+        "scoring_runner_batch_rows",
+        "Rows in each batch a runner processed.",
+        ["runner"],
+        buckets=BATCH_ROW_BUCKETS,
+    )
 
 
 def service_options(settings: Settings, workers: int, routes: list[str]) -> dict[str, Any]:
@@ -35,6 +54,8 @@ def isolate_failures(
     """Run `compute` on the whole batch; if it raises, run it row by row so that one bad row
     never fails its neighbours. A failed row comes back as a row of NaN (never a valid output
     of our preprocessing or models), which the API reports for that row alone."""
+    if len(batch) == 0:
+        return np.empty((0, width))
     try:
         return compute(batch)
     except Exception:  # any failure: isolate it below, with its cause logged

@@ -3,6 +3,7 @@ every class of bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -235,7 +236,8 @@ def test_a_row_the_runner_cannot_encode_fails_alone(demo_models, churn):
 
     preprocessor = Preprocessor.inner()
     good = dict(churn.examples[0])
-    features = preprocessor.transform(churn.matrix([good, {**good, "age": "not a number"}, good]))
+    rows = churn.matrix([good, {**good, "age": "not a number"}, good])
+    features = asyncio.run(preprocessor.transform(rows))
     assert not np.isnan(features[0]).any() and not np.isnan(features[2]).any()
     assert np.isnan(features[1]).all()
     np.testing.assert_array_equal(features[0], features[2])

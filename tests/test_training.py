@@ -3,6 +3,7 @@ between the training path and the serving path."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -224,14 +225,14 @@ class TestParity:
 
         trained_preprocessor = mlflow.sklearn.load_model("models:/churn-preprocessor@candidate")
         expected_features = trained_preprocessor.transform(churn.frame(raw))
-        served_features = Preprocessor.inner().transform(churn.matrix(rows))
+        served_features = asyncio.run(Preprocessor.inner().transform(churn.matrix(rows)))
         np.testing.assert_array_equal(served_features, expected_features)
 
         for flavor, runner in (("xgboost", XGBoostRunner), ("sklearn", SklearnRunner)):
             loader = mlflow.xgboost if flavor == "xgboost" else mlflow.sklearn
             trained = loader.load_model(f"models:/churn-{flavor}@champion")
             expected = trained.predict_proba(expected_features)
-            served = runner.inner().predict_proba(served_features)
+            served = asyncio.run(runner.inner().predict_proba(served_features))
             np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
 
     def test_a_tampered_model_file_is_refused(self, demo_models, tmp_path):
