@@ -32,7 +32,9 @@ def batch_rows() -> Histogram:
     )
 
 
-def service_options(settings: Settings, workers: int, routes: list[str]) -> dict[str, Any]:
+def service_options(
+    settings: Settings, workers: int, routes: list[str], access_log: bool = True
+) -> dict[str, Any]:
     """`@bentoml.service` options shared by the API and the runners. Connection refresh is
     effectively off: the default (every 100 requests) drops in-flight calls under load. Without
     `trace_requests`, `routes` get no OpenTelemetry spans (nothing exports them by default, and
@@ -45,6 +47,7 @@ def service_options(settings: Settings, workers: int, routes: list[str]) -> dict
             "max_age": settings.runner_connection_max_age_s,
         },
         "tracing": {"excluded_urls": [] if settings.trace_requests else routes},
+        "logging": {"access": {"enabled": access_log}},
     }
 
 

@@ -19,7 +19,9 @@ SETTINGS = get_settings()
 
 @bentoml.service(
     name="preprocessor",
-    **service_options(SETTINGS, SETTINGS.preprocess_workers, routes=["/transform"]),
+    **service_options(
+        SETTINGS, SETTINGS.preprocess_workers, routes=["/transform"], access_log=False
+    ),
 )
 class Preprocessor:
     """Raw values (n x model features, object, as `UseCase.matrix` lays them out) -> encoded

@@ -15,7 +15,10 @@ SETTINGS = get_settings()
 
 
 @bentoml.service(
-    name="sklearn", **service_options(SETTINGS, SETTINGS.model_workers, routes=["/predict_proba"])
+    name="sklearn",
+    **service_options(
+        SETTINGS, SETTINGS.model_workers, routes=["/predict_proba"], access_log=False
+    ),
 )
 class SklearnRunner:
     """Encoded features (n x d) -> class probabilities (n x k)."""

@@ -33,7 +33,10 @@ def import_xgboost_without_sklearn() -> ModuleType:
 
 
 @bentoml.service(
-    name="xgboost", **service_options(SETTINGS, SETTINGS.model_workers, routes=["/predict_proba"])
+    name="xgboost",
+    **service_options(
+        SETTINGS, SETTINGS.model_workers, routes=["/predict_proba"], access_log=False
+    ),
 )
 class XGBoostRunner:
     """Encoded features (n x d) -> class probabilities (n x k)."""
