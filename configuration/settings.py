@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     max_batch_rows: PositiveInt = Field(1000, description="Cap on rows in one predict_batch call.")
     max_body_bytes: PositiveInt = Field(2_000_000, description="Request bodies above this get 413.")
 
+    # --- batch scoring ------------------------------------------------------------------------
+    batch_database_url: str = Field(
+        f"sqlite:///{PROJECT_ROOT / 'scores.db'}",
+        description="SQLAlchemy URL batch scores are written to; embedded SQLite by default.",
+    )
+    batch_chunk_rows: PositiveInt = Field(50_000, description="Rows per chunk and transaction.")
+
     # --- training -----------------------------------------------------------------------------
     mlflow_tracking_uri: str = Field(
         f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}",

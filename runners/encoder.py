@@ -28,9 +28,9 @@ class NumericBlock:
         return len(self.columns)
 
     def encode(self, raw: np.ndarray, out: np.ndarray) -> None:
-        """raw: the block's input columns (object: numbers, booleans, None)."""
-        missing = raw == None  # noqa: E711  (elementwise on an object array)
-        values = np.where(missing, np.nan, raw).astype(np.float64)
+        """raw: the block's input columns (object: numbers, booleans; None or NaN if missing)."""
+        values = np.where(raw == None, np.nan, raw).astype(np.float64)  # noqa: E711 (elementwise)
+        missing = np.isnan(values)
         if missing.any():
             values[missing] = np.broadcast_to(self.fill, values.shape)[missing]
         if self.center is not None:

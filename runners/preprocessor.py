@@ -9,12 +9,25 @@ from collections.abc import Callable
 import bentoml
 import numpy as np
 
-from configuration import current_use_case, get_settings
+from configuration import UseCase, current_use_case, get_settings
 from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
 from runners.batching import batch_rows, isolate_failures, service_options
 from runners.encoder import Encoder
 
 SETTINGS = get_settings()
+
+
+def load_encoder(model: bentoml.Model, use_case: UseCase) -> Callable[[np.ndarray], np.ndarray]:
+    """The preprocessing of a stored preprocessor model: its compiled form (numpy only) when the
+    import stored one, else the fitted transformer itself through scikit-learn. Takes the raw
+    object matrix of `UseCase.matrix`; returns float64 features."""
+    if "encoder" in model.info.metadata:
+        spec = json.loads(verified_file(model, "encoder").read_text())
+        return Encoder.from_dict(spec).encode
+    import skops.io  # heavy (scikit-learn, scipy, pandas): only without a compiled form
+
+    transformer = skops.io.load(verified_file(model), trusted=SKOPS_TRUSTED_TYPES)
+    return lambda rows: np.asarray(transformer.transform(use_case.frame(rows)), dtype=np.float64)
 
 
 @bentoml.service(
@@ -36,21 +49,8 @@ class Preprocessor:
     def __init__(self) -> None:
         self.model = self.bento_model
         self.width = len(self.model.info.metadata["feature_names"])
-        self._encode: Callable[[np.ndarray], np.ndarray]
-        if "encoder" in self.model.info.metadata:
-            spec = json.loads(verified_file(self.model, "encoder").read_text())
-            self._encode = Encoder.from_dict(spec).encode
-            self.compiled = True
-        else:
-            import skops.io  # heavy (scikit-learn, scipy, pandas): only without a compiled form
-
-            use_case = current_use_case()
-            path = verified_file(self.model)
-            transformer = skops.io.load(path, trusted=SKOPS_TRUSTED_TYPES)
-            self._encode = lambda rows: np.asarray(
-                transformer.transform(use_case.frame(rows)), dtype=np.float64
-            )
-            self.compiled = False
+        self._encode = load_encoder(self.model, current_use_case())
+        self.compiled = isinstance(getattr(self._encode, "__self__", None), Encoder)
         self.batch_rows = batch_rows().labels(runner="preprocessor")
         gc.freeze()  # what is loaded is permanent: keep it out of every future collection
 

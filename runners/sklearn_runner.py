@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 
 import bentoml
 import numpy as np
@@ -12,6 +13,14 @@ from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
 from runners.batching import batch_rows, isolate_failures, service_options
 
 SETTINGS = get_settings()
+
+
+def load_predictor(model: bentoml.Model) -> Callable[[np.ndarray], np.ndarray]:
+    """A stored scikit-learn estimator as features (n x d) -> probabilities (n x k)."""
+    import skops.io  # heavy (scikit-learn, scipy): only where this model is used
+
+    estimator = skops.io.load(verified_file(model), trusted=SKOPS_TRUSTED_TYPES)
+    return lambda features: np.asarray(estimator.predict_proba(features), dtype=np.float64)
 
 
 @bentoml.service(
@@ -26,16 +35,11 @@ class SklearnRunner:
     bento_model = bentoml.models.BentoModel(model_tag(SETTINGS, "sklearn"))
 
     def __init__(self) -> None:
-        import skops.io  # heavy (scikit-learn, scipy): only in this service's worker
-
         self.model = self.bento_model
-        self.estimator = skops.io.load(verified_file(self.model), trusted=SKOPS_TRUSTED_TYPES)
+        self._predict = load_predictor(self.model)
         self.n_classes = len(self.model.info.metadata["classes"])
         self.batch_rows = batch_rows().labels(runner="sklearn")
         gc.freeze()  # the loaded model is permanent: keep it out of every future collection
-
-    def _predict(self, features: np.ndarray) -> np.ndarray:
-        return np.asarray(self.estimator.predict_proba(features), dtype=np.float64)
 
     @bentoml.api(
         batchable=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
 import bentoml
@@ -32,6 +33,20 @@ def import_xgboost_without_sklearn() -> ModuleType:
     return xgboost
 
 
+def load_predictor(model: bentoml.Model, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A stored XGBoost model as features (n x d) -> probabilities (n x k)."""
+    booster = import_xgboost_without_sklearn().Booster(model_file=str(verified_file(model)))
+    booster.set_param({"nthread": threads})
+
+    def predict(features: np.ndarray) -> np.ndarray:
+        scores = np.asarray(booster.inplace_predict(features), dtype=np.float64)
+        if scores.ndim == 1:  # binary:logistic returns P(positive class) only
+            return np.column_stack([1.0 - scores, scores])
+        return scores
+
+    return predict
+
+
 @bentoml.service(
     name="xgboost",
     **service_options(
@@ -44,19 +59,11 @@ class XGBoostRunner:
     bento_model = bentoml.models.BentoModel(model_tag(SETTINGS, "xgboost"))
 
     def __init__(self) -> None:
-        xgb = import_xgboost_without_sklearn()
         self.model = self.bento_model
-        self.booster = xgb.Booster(model_file=str(verified_file(self.model)))
-        self.booster.set_param({"nthread": SETTINGS.model_threads})
+        self._predict = load_predictor(self.model, SETTINGS.model_threads)
         self.n_classes = len(self.model.info.metadata["classes"])
         self.batch_rows = batch_rows().labels(runner="xgboost")
         gc.freeze()  # the loaded model is permanent: keep it out of every future collection
-
-    def _predict(self, features: np.ndarray) -> np.ndarray:
-        scores = np.asarray(self.booster.inplace_predict(features), dtype=np.float64)
-        if scores.ndim == 1:  # binary:logistic returns P(positive class) only
-            return np.column_stack([1.0 - scores, scores])
-        return scores
 
     @bentoml.api(
         batchable=True,

@@ -8,8 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
-from configuration import UseCaseError, get_settings
+from configuration import Settings, UseCaseError, get_settings
 from training import jobs
+from training.batch import BatchError, resolve_models
+from training.batch import run as run_batch
 from training.pipeline import FLAVORS
 from training.registry import CANDIDATE, CHAMPION, GateError
 
@@ -35,7 +37,51 @@ def parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train + promote + import, on the defaults")
     demo.add_argument("--use-case", help=use_case_help)
+
+    score = commands.add_parser("score", help="batch-score a file or SQL query into a table")
+    score.add_argument("--use-case", help=use_case_help)
+    score.add_argument("--input", required=True, help="a .csv/.parquet path, or sql:<query>")
+    score.add_argument("--input-db", help="SQLAlchemy URL a sql: input runs against")
+    score.add_argument("--output-db", help="SQLAlchemy URL (default: settings, SQLite)")
+    score.add_argument("--table", help="output table (default: <use_case>_scores)")
+    score.add_argument("--model", help="BentoML tag, e.g. churn-xgboost:latest (what serves)")
+    score.add_argument("--alias", default=CHAMPION, help="else: the latest import of this alias")
+    score.add_argument("--flavor", choices=FLAVORS, help="default: settings.model_flavor")
+    score.add_argument("--chunk-rows", type=int, help="rows per transaction (default: settings)")
+    score.add_argument("--job-id", help="default: derived from the input, model and table")
+    score.add_argument("--force", action="store_true", help="redo a finished job")
     return root
+
+
+def score(settings: Settings, args: argparse.Namespace) -> dict:
+    """The batch job with a progress bar; returns its summary."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    use_case, _ = jobs.use_case_of(settings, args.use_case)
+    models = resolve_models(use_case, args.flavor or settings.model_flavor, args.model, args.alias)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"scoring with {models.model.tag}", total=None)
+        summary = run_batch(
+            use_case,
+            models,
+            args.input,
+            args.output_db or settings.batch_database_url,
+            args.table or f"{use_case.name}_scores",
+            chunk_rows=args.chunk_rows or settings.batch_chunk_rows,
+            job_id=args.job_id,
+            input_db=args.input_db,
+            force=args.force,
+            progress=lambda rows: bar.advance(task, rows),
+        )
+    return summary.as_dict()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                     indent=2,
                 )
             )
+        elif args.command == "score":
+            print(json.dumps(score(settings, args), indent=2, default=str))
         elif args.command == "promote":
             flavors = FLAVORS if args.flavor == "all" else (args.flavor,)
             promoted = jobs.promote(
@@ -68,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 else jobs.demo(settings, args.use_case)
             )
             print(json.dumps({part: str(model.tag) for part, model in models.items()}))
-    except (UseCaseError, GateError, LookupError) as exc:
+    except (UseCaseError, GateError, LookupError, BatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

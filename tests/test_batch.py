@@ -1,0 +1,265 @@
+"""Batch scoring into a database: parity with the online service, rejects, exactly once across a
+real kill, on SQLite and on the machine's PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from starlette.testclient import TestClient
+
+from training.batch import BatchError, resolve_models, run
+from training.data import generate_churn
+
+from .conftest import IN_CI, PROJECT
+
+POSTGRES_URL = os.environ.get(
+    "SCORING_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+KILL_ROWS = 100_000
+KILL_CHUNK = 2_000
+
+
+@pytest.fixture(scope="module")
+def models(demo_models, churn):
+    return resolve_models(churn, "xgboost", tag=None, alias="champion")
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> str:
+    try:
+        with connect(POSTGRES_URL) as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure to connect means: no server here
+        message = f"PostgreSQL at {POSTGRES_URL} unreachable: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return POSTGRES_URL
+
+
+@contextmanager
+def connect(url: str, begin: bool = False) -> Iterator[Connection]:
+    """A connection whose engine (and pool) is disposed afterwards."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() if begin else engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
+
+
+def leads(n_rows: int, seed: int) -> pd.DataFrame:
+    return generate_churn(n_rows, seed=seed).drop(columns=["churned"])
+
+
+def read_table(url: str, table: str, job_id: str | None = None) -> pd.DataFrame:
+    query = f'SELECT key, label, score, probabilities, model_name, model_version FROM "{table}"'
+    if job_id:
+        query += f" WHERE job_id = '{job_id}'"
+    with connect(url) as conn:
+        return pd.read_sql(text(query), conn).sort_values("key").reset_index(drop=True)
+
+
+def test_batch_scores_equal_the_online_service(models, churn, tmp_path):
+    import service
+
+    frame = leads(300, seed=21)
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    url = f"sqlite:///{tmp_path / 'out.db'}"
+    summary = run(churn, models, str(tmp_path / "in.csv"), url, "scores", chunk_rows=128)
+    assert (summary.rows_scored, summary.rows_rejected) == (300, 0)
+    batch = read_table(url, "scores").set_index("key")
+    rows = [
+        {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
+        for r in frame.to_dict("records")
+    ]
+    with TestClient(service.Scoring.to_asgi()) as client:
+        online = client.post("/v1/predict_batch", json={"instances": rows}).json()
+    assert online["errors"] == []
+    for prediction in online["predictions"]:
+        stored = batch.loc[prediction["key"]]
+        assert stored["label"] == prediction["label"]
+        assert stored["score"] == prediction["score"]
+        assert json.loads(stored["probabilities"]) == prediction["probabilities"]
+        assert stored["model_version"] == online["model"]["version"]
+
+
+def test_bad_rows_go_to_rejects_with_reasons_and_never_stop_the_job(models, churn, tmp_path):
+    frame = leads(50, seed=3).astype(object)
+    frame.loc[2, "age"] = 7
+    frame.loc[5, "contract_type"] = "weekly"
+    frame.loc[8, "tenure_months"] = "many"
+    frame.loc[9, "auto_pay"] = "perhaps"
+    frame.loc[12, "customer_id"] = frame.loc[11, "customer_id"]
+    frame.loc[14, "monthly_charges"] = None
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    url = f"sqlite:///{tmp_path / 'out.db'}"
+    summary = run(churn, models, str(tmp_path / "in.csv"), url, "scores", chunk_rows=16)
+    assert (summary.rows_scored, summary.rows_rejected) == (44, 6)
+    with connect(url) as conn:
+        rejects = dict(conn.execute(text("SELECT row_number, reason FROM scores_rejects")).all())
+    assert rejects == {
+        2: "age: below 18.0",
+        5: "contract_type: unknown category",
+        8: "tenure_months: not a number",
+        9: "auto_pay: not a boolean",
+        12: "customer_id: duplicate key",
+        14: "monthly_charges: missing",
+    }
+    assert len(read_table(url, "scores")) == 44
+
+
+def test_a_finished_job_is_not_redone_unless_forced(models, churn, tmp_path):
+    leads(100, seed=4).to_csv(tmp_path / "in.csv", index=False)
+    url = f"sqlite:///{tmp_path / 'out.db'}"
+    first = run(churn, models, str(tmp_path / "in.csv"), url, "scores", chunk_rows=40)
+    again = run(churn, models, str(tmp_path / "in.csv"), url, "scores", chunk_rows=40)
+    assert not first.already_finished and again.already_finished
+    assert again.rows_scored == 100 and again.score_seconds == 0
+    forced = run(churn, models, str(tmp_path / "in.csv"), url, "scores", chunk_rows=40, force=True)
+    assert not forced.already_finished and forced.rows_scored == 100
+    assert len(read_table(url, "scores")) == 100
+
+
+def test_a_sql_query_scores_like_the_same_rows_from_a_file(models, churn, tmp_path):
+    frame = leads(200, seed=8)
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    with connect(url, begin=True) as conn:
+        frame.to_sql("leads", conn, index=False)
+    run(churn, models, str(tmp_path / "in.csv"), url, "from_file", chunk_rows=64)
+    query = "sql:SELECT * FROM leads ORDER BY customer_id"
+    run(churn, models, query, url, "from_sql", chunk_rows=64, input_db=url)
+    pd.testing.assert_frame_equal(read_table(url, "from_file"), read_table(url, "from_sql"))
+
+
+def test_a_missing_column_fails_naming_it(models, churn, tmp_path):
+    leads(10, seed=1).drop(columns=["tenure_months"]).to_csv(tmp_path / "in.csv", index=False)
+    with pytest.raises(BatchError, match=r"lacks columns \['tenure_months'\]"):
+        run(
+            churn,
+            models,
+            str(tmp_path / "in.csv"),
+            f"sqlite:///{tmp_path / 'o.db'}",
+            "s",
+            chunk_rows=5,
+        )
+
+
+def kill_mid_run_then_resume(
+    url: str, table: str, source: Path, tmp_path: Path, job_id: str
+) -> dict:
+    """Start the CLI job, SIGKILL it once a few chunks are committed, run it again; the summary
+    of the second run."""
+    args = [
+        sys.executable,
+        "-m",
+        "training",
+        "score",
+        "--input",
+        str(source),
+        "--output-db",
+        url,
+        "--table",
+        table,
+        "--chunk-rows",
+        str(KILL_CHUNK),
+        "--job-id",
+        job_id,
+    ]
+    with (tmp_path / "first.log").open("wb") as log:
+        first = subprocess.Popen(args, cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT)
+    done = 0
+    deadline = time.monotonic() + 300
+    while done < 5 and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.01)
+        try:
+            with connect(url) as conn:
+                done = (
+                    conn.execute(
+                        text("SELECT chunks_done FROM scoring_jobs WHERE job_id = :j"),
+                        {"j": job_id},
+                    ).scalar()
+                    or 0
+                )
+        except DBAPIError:  # the job has not created its tables yet
+            continue
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    with connect(url) as conn:
+        status, done = conn.execute(
+            text("SELECT status, chunks_done FROM scoring_jobs WHERE job_id = :j"), {"j": job_id}
+        ).one()
+    assert status == "running" and 5 <= done < KILL_ROWS // KILL_CHUNK, (status, done)
+    second = subprocess.run(args, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads(second.stdout)
+    assert summary["resumed_at_chunk"] >= done
+    return summary
+
+
+@pytest.fixture(scope="module")
+def kill_input(tmp_path_factory) -> Path:
+    frame = leads(KILL_ROWS, seed=99).astype(object)
+    frame.loc[[10, 20_000, 77_777], "age"] = 3  # three rejects, spread over the chunks
+    path = tmp_path_factory.mktemp("kill") / "leads.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def assert_exactly_once(url: str, table: str, reference: pd.DataFrame, job_id: str) -> None:
+    killed = read_table(url, table, job_id=job_id)
+    assert len(killed) == KILL_ROWS - 3 and killed["key"].is_unique
+    pd.testing.assert_frame_equal(killed, reference)
+    with connect(url) as conn:
+        rejects = (
+            conn.execute(
+                text(f'SELECT row_number FROM "{table}_rejects" WHERE job_id = :j'), {"j": job_id}
+            )
+            .scalars()
+            .all()
+        )
+    assert sorted(rejects) == [10, 20_000, 77_777]
+
+
+@pytest.fixture(scope="module")
+def kill_reference(models, churn, kill_input, tmp_path_factory) -> pd.DataFrame:
+    url = f"sqlite:///{tmp_path_factory.mktemp('ref') / 'ref.db'}"
+    run(churn, models, str(kill_input), url, "scores", chunk_rows=KILL_CHUNK, job_id="killed")
+    return read_table(url, "scores", job_id="killed")
+
+
+def test_killed_and_resumed_job_writes_each_row_exactly_once_sqlite(
+    kill_input, kill_reference, tmp_path
+):
+    url = f"sqlite:///{tmp_path / 'scores.db'}"
+    kill_mid_run_then_resume(url, "scores", kill_input, tmp_path, "killed")
+    assert_exactly_once(url, "scores", kill_reference, "killed")
+
+
+def test_killed_and_resumed_job_writes_each_row_exactly_once_postgres(
+    postgres_url, kill_input, kill_reference, tmp_path
+):
+    table = job_id = f"scores_{uuid.uuid4().hex[:8]}"
+    try:
+        kill_mid_run_then_resume(postgres_url, table, kill_input, tmp_path, job_id)
+        assert_exactly_once(postgres_url, table, kill_reference, job_id)
+    finally:
+        with connect(postgres_url, begin=True) as conn:
+            conn.execute(text(f'DROP TABLE IF EXISTS "{table}", "{table}_rejects"'))
+            conn.execute(text("DELETE FROM scoring_jobs WHERE output_table = :t"), {"t": table})

@@ -1,0 +1,166 @@
+"""Where batch scores go: SQLAlchemy tables (SQLite by default, PostgreSQL by URL), one
+transaction per chunk that also advances the job's progress, so a chunk lands whole or not."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
+
+JOBS_TABLE = "scoring_jobs"
+PREDICTION_COLUMNS = (
+    "job_id",
+    "key",
+    "label",
+    "score",
+    "probabilities",
+    "model_name",
+    "model_version",
+    "fallback_reason",
+    "scored_at",
+)
+REJECT_COLUMNS = ("job_id", "row_number", "key", "reason")
+
+
+def _sqlite_wal(connection: Any, _: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Sink:
+    """The output table, its `<table>_rejects` companion and the shared job table."""
+
+    def __init__(self, url: str, table: str) -> None:
+        self.engine: Engine = create_engine(url)
+        if self.engine.dialect.name == "sqlite":  # readers (progress, resume) never block writes
+            event.listen(self.engine, "connect", _sqlite_wal)
+        self.metadata = MetaData()
+        self.predictions = Table(
+            table,
+            self.metadata,
+            Column("job_id", String(64), primary_key=True),
+            Column("key", String(256), primary_key=True),
+            Column("label", String(128), nullable=False),
+            Column("score", Float, nullable=False),
+            Column("probabilities", Text, nullable=False),  # JSON object: class -> probability
+            Column("model_name", String(128), nullable=False),
+            Column("model_version", String(64), nullable=False),
+            Column("fallback_reason", String(64)),
+            Column("scored_at", DateTime(timezone=True), nullable=False),
+        )
+        self.rejects = Table(
+            f"{table}_rejects",
+            self.metadata,
+            Column("job_id", String(64), primary_key=True),
+            Column("row_number", Integer, primary_key=True),
+            Column("key", String(256)),
+            Column("reason", Text, nullable=False),
+        )
+        self.jobs = Table(
+            JOBS_TABLE,
+            self.metadata,
+            Column("job_id", String(64), primary_key=True),
+            Column("output_table", String(128), nullable=False),
+            Column("use_case", String(64), nullable=False),
+            Column("model", String(256), nullable=False),
+            Column("source", Text, nullable=False),
+            Column("chunk_rows", Integer, nullable=False),
+            Column("chunks_done", Integer, nullable=False),
+            Column("rows_scored", Integer, nullable=False),
+            Column("rows_rejected", Integer, nullable=False),
+            Column("status", String(16), nullable=False),  # running | finished
+            Column("started_at", DateTime(timezone=True), nullable=False),
+            Column("finished_at", DateTime(timezone=True)),
+        )
+        self.metadata.create_all(self.engine)
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(self.jobs).where(self.jobs.c.job_id == job_id)).first()
+        return dict(row._mapping) if row else None
+
+    def start(self, job_id: str, fields: dict[str, Any], force: bool) -> dict[str, Any]:
+        """The job's record: created, reset (force), or as left by an earlier run."""
+        with self.engine.begin() as conn:
+            if force:
+                for table in (self.predictions, self.rejects, self.jobs):
+                    conn.execute(delete(table).where(table.c.job_id == job_id))
+            existing = conn.execute(select(self.jobs).where(self.jobs.c.job_id == job_id)).first()
+            if existing is None:
+                record = {
+                    "job_id": job_id,
+                    **fields,
+                    "chunks_done": 0,
+                    "rows_scored": 0,
+                    "rows_rejected": 0,
+                    "status": "running",
+                    "started_at": now(),
+                    "finished_at": None,
+                }
+                conn.execute(insert(self.jobs).values(record))
+                return record
+        return dict(existing._mapping)
+
+    def write_chunk(
+        self, job_id: str, chunk_index: int, scored: Sequence[tuple], rejected: Sequence[tuple]
+    ) -> None:
+        """Scores and rejects of one chunk plus the progress marker, in one transaction."""
+        with self.engine.begin() as conn:
+            self._insert(conn, self.predictions, PREDICTION_COLUMNS, scored)
+            self._insert(conn, self.rejects, REJECT_COLUMNS, rejected)
+            jobs = self.jobs.c
+            conn.execute(
+                update(self.jobs)
+                .where(jobs.job_id == job_id, jobs.chunks_done == chunk_index)
+                .values(
+                    chunks_done=chunk_index + 1,
+                    rows_scored=jobs.rows_scored + len(scored),
+                    rows_rejected=jobs.rows_rejected + len(rejected),
+                )
+            )
+
+    def finish(self, job_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(self.jobs)
+                .where(self.jobs.c.job_id == job_id)
+                .values(status="finished", finished_at=now())
+            )
+
+    def _insert(
+        self, conn: Connection, table: Table, columns: Sequence[str], rows: Sequence[tuple]
+    ) -> None:
+        if not rows:
+            return
+        if conn.dialect.name == "postgresql":  # COPY: the fast path into PostgreSQL
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            names = ", ".join(f'"{c}"' for c in columns)
+            with cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return
+        conn.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
