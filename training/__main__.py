@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from configuration import Settings, UseCaseError, get_settings
@@ -50,6 +51,14 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--chunk-rows", type=int, help="rows per transaction (default: settings)")
     score.add_argument("--job-id", help="default: derived from the input, model and table")
     score.add_argument("--force", action="store_true", help="redo a finished job")
+
+    on_spark = commands.add_parser("score-spark", help="batch-score Parquet on Spark (local)")
+    on_spark.add_argument("--use-case", help=use_case_help)
+    on_spark.add_argument("--input", required=True, help="a Parquet file or folder")
+    on_spark.add_argument("--output", required=True, help="folder for scores/ and rejects/")
+    on_spark.add_argument("--model", help="BentoML tag (default: the latest champion import)")
+    on_spark.add_argument("--flavor", choices=FLAVORS, help="default: settings.model_flavor")
+    on_spark.add_argument("--cores", type=int, default=2, help="local[N] cores")
     return root
 
 
@@ -84,6 +93,26 @@ def score(settings: Settings, args: argparse.Namespace) -> dict:
     return summary.as_dict()
 
 
+def score_spark(settings: Settings, args: argparse.Namespace) -> dict:
+    """The batch scoring function on a local Spark session (pyspark: the `spark` extra)."""
+    from training.spark import local_session, score_parquet
+
+    use_case, path = jobs.use_case_of(settings, args.use_case)
+    flavor = args.flavor or settings.model_flavor
+    models = resolve_models(use_case, flavor, args.model, CHAMPION)
+    spark = local_session(cores=args.cores)
+    try:
+        started = time.perf_counter()
+        counts = score_parquet(
+            spark, str(path), flavor, str(models.model.tag), args.input, args.output
+        )
+    finally:
+        spark.stop()
+    rows = counts["rows_scored"] + counts["rows_rejected"]
+    seconds = time.perf_counter() - started
+    return {**counts, "model": str(models.model.tag), "rows_per_s": round(rows / seconds)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -103,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "score":
             print(json.dumps(score(settings, args), indent=2, default=str))
+        elif args.command == "score-spark":
+            print(json.dumps(score_spark(settings, args)))
         elif args.command == "promote":
             flavors = FLAVORS if args.flavor == "all" else (args.flavor,)
             promoted = jobs.promote(
