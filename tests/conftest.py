@@ -46,6 +46,17 @@ def demo_models() -> dict:
 
 
 @pytest.fixture(scope="session")
+def api_client(demo_models):
+    """One in-process app per session: BentoML registers its metrics once per process."""
+    from starlette.testclient import TestClient
+
+    import service
+
+    with TestClient(service.Scoring.to_asgi(), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
 def churn():
     from configuration import current_use_case
 

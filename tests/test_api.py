@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,12 +22,9 @@ PREDICT = "/v1/predict"
 BATCH = "/v1/predict_batch"
 
 
-@pytest.fixture(scope="module")
-def client(demo_models) -> Iterator[TestClient]:
-    import service
-
-    with TestClient(service.Scoring.to_asgi(), raise_server_exceptions=False) as test_client:
-        yield test_client
+@pytest.fixture
+def client(api_client) -> TestClient:
+    return api_client
 
 
 @pytest.fixture

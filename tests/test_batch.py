@@ -20,7 +20,6 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
-from starlette.testclient import TestClient
 
 from training.batch import BatchError, resolve_models, run
 from training.data import generate_churn
@@ -75,9 +74,7 @@ def read_table(url: str, table: str, job_id: str | None = None) -> pd.DataFrame:
         return pd.read_sql(text(query), conn).sort_values("key").reset_index(drop=True)
 
 
-def test_batch_scores_equal_the_online_service(models, churn, tmp_path):
-    import service
-
+def test_batch_scores_equal_the_online_service(models, churn, api_client, tmp_path):
     frame = leads(300, seed=21)
     frame.to_csv(tmp_path / "in.csv", index=False)
     url = f"sqlite:///{tmp_path / 'out.db'}"
@@ -88,8 +85,7 @@ def test_batch_scores_equal_the_online_service(models, churn, tmp_path):
         {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in r.items()}
         for r in frame.to_dict("records")
     ]
-    with TestClient(service.Scoring.to_asgi()) as client:
-        online = client.post("/v1/predict_batch", json={"instances": rows}).json()
+    online = api_client.post("/v1/predict_batch", json={"instances": rows}).json()
     assert online["errors"] == []
     for prediction in online["predictions"]:
         stored = batch.loc[prediction["key"]]

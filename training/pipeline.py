@@ -82,11 +82,7 @@ class TrainedModels:
     models: dict[str, Any]
     metrics: dict[str, dict[str, float]]
     feature_names: list[str]
-    raw_test: pd.DataFrame
     params: dict[str, Any] = field(default_factory=dict)
-
-    def predict_proba(self, flavor: str, raw: pd.DataFrame) -> np.ndarray:
-        return np.asarray(self.models[flavor].predict_proba(self.preprocessor.transform(raw)))
 
 
 def fit(use_case: UseCase, frame: pd.DataFrame, settings: Settings) -> TrainedModels:
@@ -132,6 +128,5 @@ def fit(use_case: UseCase, frame: pd.DataFrame, settings: Settings) -> TrainedMo
         models=models,
         metrics=metrics,
         feature_names=[str(n) for n in preprocessor.get_feature_names_out()],
-        raw_test=x_test.assign(**{use_case.target.name: y_test}),
         params=params,
     )
