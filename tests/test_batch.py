@@ -132,6 +132,23 @@ def test_a_finished_job_is_not_redone_unless_forced(models, churn, tmp_path):
     assert len(read_table(url, "scores")) == 100
 
 
+def test_a_job_resumes_only_with_the_model_and_chunking_it_started_with(models, churn, tmp_path):
+    leads(30, seed=6).to_csv(tmp_path / "in.csv", index=False)
+    url = f"sqlite:///{tmp_path / 'out.db'}"
+    source = str(tmp_path / "in.csv")
+    run(churn, models, source, url, "scores", chunk_rows=10, job_id="j")
+    with connect(url, begin=True) as conn:  # as a run killed after its first chunk leaves it
+        conn.execute(text("DELETE FROM scores WHERE key > 'C-000009'"))
+        conn.execute(
+            text("UPDATE scoring_jobs SET status = 'running', chunks_done = 1, rows_scored = 10")
+        )
+    with pytest.raises(BatchError, match="rows per chunk; resume it with the same"):
+        run(churn, models, source, url, "scores", chunk_rows=20, job_id="j")
+    resumed = run(churn, models, source, url, "scores", chunk_rows=10, job_id="j")
+    assert resumed.resumed_at_chunk == 1 and resumed.rows_skipped == 10
+    assert resumed.rows_scored == 20 and len(read_table(url, "scores")) == 30
+
+
 def test_a_sql_query_scores_like_the_same_rows_from_a_file(models, churn, tmp_path):
     frame = leads(200, seed=8)
     frame.to_csv(tmp_path / "in.csv", index=False)

@@ -285,8 +285,11 @@ def _run(
         summary.already_finished = True
         summary.rows_scored, summary.rows_rejected = record["rows_scored"], record["rows_rejected"]
         return summary
-    if record["chunk_rows"] != chunk_rows:
-        raise BatchError(f"job {job_id} ran with {record['chunk_rows']} rows per chunk")
+    if (record["chunk_rows"], record["model"]) != (chunk_rows, str(models.model.tag)):
+        raise BatchError(
+            f"job {job_id} ran with {record['model']} and {record['chunk_rows']} rows per chunk; "
+            "resume it with the same, or --force to start over"
+        )
     done = summary.resumed_at_chunk = record["chunks_done"]
     required = [*use_case.model_feature_names, *([use_case.key] if use_case.key else [])]
     seen: set[str] = set()
