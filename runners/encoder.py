@@ -9,9 +9,12 @@ random rows; `tests/test_encoder.py` checks the same on many more.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,14 @@ class NumericBlock:
 
     def encode(self, raw: np.ndarray, out: np.ndarray) -> None:
         """raw: the block's input columns (object: numbers, booleans; None or NaN if missing)."""
-        values = np.where(raw == None, np.nan, raw).astype(np.float64)  # noqa: E711 (elementwise)
+        numbers = np.where(raw == None, np.nan, raw).astype(np.float64)  # noqa: E711 (elementwise)
+        self.encode_numbers(numbers, out)
+
+    def encode_frame(self, frame: pd.DataFrame, out: np.ndarray) -> None:
+        self.encode_numbers(frame[list(self.columns)].to_numpy(np.float64, copy=True), out)
+
+    def encode_numbers(self, values: np.ndarray, out: np.ndarray) -> None:
+        """values: float64 with NaN where missing (changed in place)."""
         missing = np.isnan(values)
         if missing.any():
             values[missing] = np.broadcast_to(self.fill, values.shape)[missing]
@@ -52,14 +62,29 @@ class OneHotBlock:
         return sum(len(c) for c in self.categories)
 
     def encode(self, raw: np.ndarray, out: np.ndarray) -> None:
-        out[:] = 0.0
-        offset = 0
-        positions = np.arange(len(raw))
+        codes = []
         for j, categories in enumerate(self.categories):
             index: dict[Any, int] = {value: i for i, value in enumerate(categories)}
-            codes = np.fromiter((index.get(v, -1) for v in raw[:, j]), np.int64, len(raw))
-            known = codes >= 0
-            out[positions[known], offset + codes[known]] = 1.0
+            codes.append(np.fromiter((index.get(v, -1) for v in raw[:, j]), np.int64, len(raw)))
+        self._scatter(codes, out)
+
+    def encode_frame(self, frame: pd.DataFrame, out: np.ndarray) -> None:
+        import pandas as pd  # batch scoring only: the serving preprocessor never loads pandas
+
+        codes = [  # -1 for missing and unknown values
+            np.asarray(pd.Index(categories).get_indexer(frame[column]), dtype=np.int64)
+            for column, categories in zip(self.columns, self.categories, strict=True)
+        ]
+        self._scatter(codes, out)
+
+    def _scatter(self, codes: list[np.ndarray], out: np.ndarray) -> None:
+        """One-hot columns from category codes (-1: missing or unknown)."""
+        out[:] = 0.0
+        offset = 0
+        positions = np.arange(len(out))
+        for column_codes, categories in zip(codes, self.categories, strict=True):
+            known = column_codes >= 0
+            out[positions[known], offset + column_codes[known]] = 1.0
             offset += len(categories)
 
 
@@ -83,6 +108,15 @@ class Encoder:
         position = {name: i for i, name in enumerate(self.input_columns)}
         indices = tuple(np.array([position[c] for c in b.columns]) for b in self.blocks)
         object.__setattr__(self, "_indices", indices)
+
+    def encode_frame(self, frame: pd.DataFrame) -> np.ndarray:
+        """The same from a frame typed by `UseCase.frame` (batch scoring: no object matrix)."""
+        out = np.empty((len(frame), len(self.feature_names)), dtype=np.float64)
+        start = 0
+        for block in self.blocks:
+            block.encode_frame(frame, out[:, start : start + block.width])
+            start += block.width
+        return out
 
     def encode(self, raw: np.ndarray) -> np.ndarray:
         out = np.empty((len(raw), len(self.feature_names)), dtype=np.float64)

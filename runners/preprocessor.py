@@ -17,13 +17,20 @@ from runners.encoder import Encoder
 SETTINGS = get_settings()
 
 
+def load_compiled(model: bentoml.Model) -> Encoder | None:
+    """The compiled form of a stored preprocessor, if its import stored one."""
+    if "encoder" not in model.info.metadata:
+        return None
+    return Encoder.from_dict(json.loads(verified_file(model, "encoder").read_text()))
+
+
 def load_encoder(model: bentoml.Model, use_case: UseCase) -> Callable[[np.ndarray], np.ndarray]:
     """The preprocessing of a stored preprocessor model: its compiled form (numpy only) when the
     import stored one, else the fitted transformer itself through scikit-learn. Takes the raw
     object matrix of `UseCase.matrix`; returns float64 features."""
-    if "encoder" in model.info.metadata:
-        spec = json.loads(verified_file(model, "encoder").read_text())
-        return Encoder.from_dict(spec).encode
+    compiled = load_compiled(model)
+    if compiled is not None:
+        return compiled.encode
     import skops.io  # heavy (scikit-learn, scipy, pandas): only without a compiled form
 
     transformer = skops.io.load(verified_file(model), trusted=SKOPS_TRUSTED_TYPES)

@@ -45,8 +45,10 @@ def rows_strategy(use_case: UseCase):
 def test_identical_on_twenty_thousand_random_rows(churn, fitted):
     transformer, encoder = fitted
     rows = random_rows(churn, 20_000, seed=3)
-    expected = transformer.transform(churn.frame(rows))
+    frame = churn.frame(rows)
+    expected = transformer.transform(frame)
     np.testing.assert_array_equal(encoder.encode(churn.matrix(rows)), expected)
+    np.testing.assert_array_equal(encoder.encode_frame(frame), expected)  # the batch entry
 
 
 def test_identical_on_generated_edge_cases(churn, fitted):
@@ -55,8 +57,10 @@ def test_identical_on_generated_edge_cases(churn, fitted):
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(rows_strategy(churn))
     def check(rows):
-        expected = transformer.transform(churn.frame(rows))
+        frame = churn.frame(rows)
+        expected = transformer.transform(frame)
         np.testing.assert_array_equal(encoder.encode(churn.matrix(rows)), expected)
+        np.testing.assert_array_equal(encoder.encode_frame(frame), expected)
 
     check()
 
@@ -65,9 +69,9 @@ def test_unknown_and_missing_categories_encode_as_zeros_like_scikit_learn(churn,
     transformer, encoder = fitted
     row = dict(churn.examples[0])
     rows = [row, {**row, "region": "atlantis"}, {**row, "region": None}]
-    np.testing.assert_array_equal(
-        encoder.encode(churn.matrix(rows)), transformer.transform(churn.frame(rows))
-    )
+    expected = transformer.transform(churn.frame(rows))
+    np.testing.assert_array_equal(encoder.encode(churn.matrix(rows)), expected)
+    np.testing.assert_array_equal(encoder.encode_frame(churn.frame(rows)), expected)
     region = [i for i, n in enumerate(encoder.feature_names) if n.startswith("categorical__region")]
     assert encoder.encode(churn.matrix(rows))[1:, region].sum() == 0
 

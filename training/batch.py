@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from configuration import UseCase
-from runners.preprocessor import load_encoder
+from runners.preprocessor import load_compiled, load_encoder
 from training.batch_sink import Sink, now
 
 TRUE_VALUES = {True, "true", "True", "TRUE", "1"}  # True == 1, so the number 1 is in too
@@ -33,7 +33,7 @@ class ScoringModels:
     """A stored model and the preprocessor it was trained with, loaded as the runners load them."""
 
     model: bentoml.Model
-    encode: Callable[[np.ndarray], np.ndarray]
+    encode: Callable[[pd.DataFrame], np.ndarray]  # a frame typed by UseCase.frame
     predict: Callable[[np.ndarray], np.ndarray]
 
     @property
@@ -67,7 +67,11 @@ def resolve_models(use_case: UseCase, flavor: str, tag: str | None, alias: str) 
         from runners.sklearn_runner import load_predictor as load_sklearn
 
         predict = load_sklearn(model)
-    return ScoringModels(model, load_encoder(preprocessor, use_case), predict)
+    compiled = load_compiled(preprocessor)
+    if compiled is not None:
+        return ScoringModels(model, compiled.encode_frame, predict)
+    encode_matrix = load_encoder(preprocessor, use_case)
+    return ScoringModels(model, lambda frame: encode_matrix(frame.to_numpy(dtype=object)), predict)
 
 
 def read_chunks(source: str, chunk_rows: int, database: str | None) -> Iterator[pd.DataFrame]:
@@ -196,8 +200,7 @@ def score_chunk(
     ]
     if not valid.any():
         return [], rejected
-    raw = use_case.frame(frame[valid]).to_numpy(dtype=object)
-    probabilities = models.predict(models.encode(raw))
+    probabilities = models.predict(models.encode(use_case.frame(frame[valid])))
     classes = use_case.target.classes
     labels = use_case.decide(probabilities)
     score_index = np.full(len(labels), 1) if use_case.task == "binary" else labels
