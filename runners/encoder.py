@@ -72,7 +72,7 @@ class OneHotBlock:
         import pandas as pd  # batch scoring only: the serving preprocessor never loads pandas
 
         codes = [  # -1 for missing and unknown values
-            np.asarray(pd.Index(categories).get_indexer(frame[column]), dtype=np.int64)
+            np.asarray(pd.Index(categories).get_indexer(pd.Index(frame[column])), dtype=np.int64)
             for column, categories in zip(self.columns, self.categories, strict=True)
         ]
         self._scatter(codes, out)
