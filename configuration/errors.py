@@ -8,7 +8,6 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LOG = logging.getLogger(__name__)
@@ -26,18 +25,6 @@ CODES = {
 }
 MASKED_MESSAGE = "An internal error occurred; it has been logged."
 MAX_DETAILS = 20
-
-
-class ErrorBody(BaseModel):
-    code: str = Field(description="Machine-readable error code, e.g. invalid_input.")
-    message: str = Field(description="What went wrong, naming the field where there is one.")
-    details: list[dict[str, Any]] = Field(default_factory=list)
-
-
-class ErrorResponse(BaseModel):
-    """Every error response has this shape."""
-
-    error: ErrorBody
 
 
 class ScoringError(Exception):

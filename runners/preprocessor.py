@@ -57,7 +57,7 @@ class Preprocessor:
         self.model = self.bento_model
         self.width = len(self.model.info.metadata["feature_names"])
         self._encode = load_encoder(self.model, current_use_case())
-        self.compiled = isinstance(getattr(self._encode, "__self__", None), Encoder)
+        self.compiled = "encoder" in self.model.info.metadata  # what load_encoder chose
         self.batch_rows = batch_rows().labels(runner="preprocessor")
         gc.freeze()  # what is loaded is permanent: keep it out of every future collection
 
