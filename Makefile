@@ -6,7 +6,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK := true
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo serve run test lint build bench
+.PHONY: help setup demo serve run test lint build image image-test image-run bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -30,6 +30,18 @@ lint: setup ## ruff + mypy
 
 build: ## bentoml build (models pinned) from the current BentoML store
 	$(BIN)/bentoml build
+
+# IMAGE_BACKEND, BASE_IMAGE (or =local), EXTRA_CA_CERTS, IMAGE_TAG: README "Container image"
+BENTO ?= scoring:latest
+image: ## Lint the Dockerfile and build the container image of $(BENTO) (packaging/image.sh)
+	PYTHON=$(BIN)/python bash packaging/image.sh build $(BENTO)
+
+image-test: ## Prove an image serves: IMAGE=<tag> make image-test (or build and test one)
+	SCORING_TEST_IMAGE=$(IMAGE) $(BIN)/python -m pytest -m image tests/test_image.py
+
+image-run: ## Run IMAGE (default: the image of $(BENTO)) on http://127.0.0.1:$(PORT)
+	eval "$$(bash packaging/image.sh env)" && $$CONTAINER_CLI run --rm -p 127.0.0.1:$(PORT):3000 \
+		$(or $(IMAGE),$$($(BIN)/python -c 'import bentoml; print(bentoml.bentos.get("$(BENTO)").tag)'))
 
 bench: setup ## Benchmark a real `bentoml serve` against the in-process limit and a naive FastAPI baseline
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || sudo apt-get install -y wrk
