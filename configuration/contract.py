@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from configuration.policy import FallbackReason
 from configuration.use_case import FeatureSpec, UseCase
 
 API_PREFIX = "/v1"
@@ -73,6 +74,25 @@ class ModelInfo(BaseModel):
     models: dict[str, StoredModel] = Field(description="Loaded models by component.")
 
 
+class Contribution(BaseModel):
+    """One raw feature's share of the margin (its one-hot columns summed)."""
+
+    feature: str
+    value: Any = Field(description="The request's value of the feature.")
+    contribution: float = Field(description="Added to the margin (log-odds for binary).")
+
+
+class Explanation(BaseModel):
+    """Why the model answered as it did: `base_value` + every feature's contribution = `margin`
+    (the top `top_k` features are listed, `rest` sums the others)."""
+
+    explained_class: str = Field(description="Binary: the positive class; else the answered one.")
+    base_value: float = Field(description="The model's margin before any feature.")
+    margin: float = Field(description="The model's raw output: log-odds for binary tasks.")
+    contributions: list[Contribution] = Field(description="Largest absolute contributions first.")
+    rest: float = Field(description="Sum of the contributions not listed.")
+
+
 class RowError(BaseModel):
     """Why one row was not scored."""
 
@@ -107,19 +127,44 @@ class Contract:
         )
         classes = use_case.target.classes
         label_type: Any = Literal[classes]  # type: ignore[valid-type]
+        source_type: Any = Literal["model", "fallback"]
+        reason_type: Any = FallbackReason | None
+        explanation_status_type: Any = Literal["ok", "timeout", "unavailable"] | None
         self.Prediction: type[BaseModel] = create_model(
             f"{title}Prediction",
             __config__=ConfigDict(frozen=True),
-            __doc__="The answer for one row.",
+            __doc__="The answer for one row: the model's, or the use case's deterministic "
+            "fallback (`source` says which, `fallback_reason` why).",
             key=(str | None, Field(None, description=f"The request's {use_case.key or 'key'}.")),
-            label=(label_type, Field(description="Predicted class.")),
+            label=(
+                label_type | None,
+                Field(description="Answered class; null for a 'no decision' fallback."),
+            ),
             probabilities=(
-                dict[str, float],
-                Field(description=f"Probability per class, for classes {list(classes)}."),
+                dict[str, float] | None,
+                Field(
+                    description=f"Probability per class, for classes {list(classes)}; null when "
+                    "the answer is a fallback without probabilities (rule, no decision)."
+                ),
             ),
             score=(
-                float,
-                Field(description="Probability of the predicted (binary: positive) class."),
+                float | None,
+                Field(
+                    description="Probability of the positive class (binary) or of the answered "
+                    "class (multiclass); null with `probabilities`."
+                ),
+            ),
+            confidence=(
+                float | None,
+                Field(
+                    description="The model's probability of the label it decided; null when "
+                    "the model did not answer."
+                ),
+            ),
+            source=(source_type, Field(description="Who answered.")),
+            fallback_reason=(
+                reason_type,
+                Field(description="Why the answer is a fallback; null for a model answer."),
             ),
         )
         self.PredictResponse: type[BaseModel] = create_model(
@@ -128,6 +173,18 @@ class Contract:
             prediction=(self.Prediction, ...),
             model=(ModelRef, ...),
             contract_version=(int, Field(description="Version of this request/response contract.")),
+            explanation=(
+                Explanation | None,
+                Field(None, description="Present when asked for (explain) and within budget."),
+            ),
+            explanation_status=(
+                explanation_status_type,
+                Field(
+                    None,
+                    description="null when no explanation was asked for; timeout when it did "
+                    "not finish within the budget; unavailable when the model had no answer.",
+                ),
+            ),
         )
         self.PredictBatchResponse: type[BaseModel] = create_model(
             f"{title}PredictBatchResponse",

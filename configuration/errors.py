@@ -3,6 +3,7 @@ enforces both (body-size limit, and BentoML's own error bodies rewritten into ou
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from http import HTTPStatus
@@ -14,6 +15,7 @@ LOG = logging.getLogger(__name__)
 CODES = {
     400: "invalid_input",
     404: "not_found",
+    409: "conflict",
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",
@@ -45,10 +47,26 @@ class PayloadTooLarge(ScoringError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
+class NotFound(ScoringError):
+    status = HTTPStatus.NOT_FOUND
+
+
+class Conflict(ScoringError):
+    """The request conflicts with the resource's state (e.g. a task not finished yet)."""
+
+    status = HTTPStatus.CONFLICT
+
+
 class InferenceFailed(ScoringError):
     """A valid row could not be scored (a runner failed on it)."""
 
     status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class InferenceTimeout(ScoringError):
+    """The runners did not answer within the deadline."""
+
+    status = HTTPStatus.GATEWAY_TIMEOUT
 
 
 def envelope(status: int, message: str, details: list[dict[str, Any]] | None = None) -> dict:
@@ -84,22 +102,57 @@ def normalise(status: int, payload: Any) -> dict[str, Any]:
 
 
 class ContractMiddleware:
-    """For routes under `prefix`: refuse bodies over `max_body_bytes` with 413 before anything
-    parses them (chunked bodies included), and give every error response our JSON shape."""
+    """For routes under `prefix`: answer 429 beyond `max_concurrency` requests in progress (in
+    this worker), refuse bodies over `max_body_bytes` with 413 before anything parses them
+    (chunked bodies included), answer 504 after `timeout_s` (the handler is cancelled), and give
+    every error response our JSON shape with the contract version.
 
-    def __init__(self, app: ASGIApp, *, prefix: str, max_body_bytes: int) -> None:
+    The limit and the timeout are enforced here rather than with BentoML's `traffic` options:
+    those run outside every user middleware, so their 429 and 504 bodies could not be given
+    our shape."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        prefix: str,
+        max_body_bytes: int,
+        contract_version: int,
+        max_concurrency: int,
+        timeout_s: float,
+        body_limits: dict[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.prefix = prefix
         self.max_body_bytes = max_body_bytes
+        self.body_limits = body_limits or {}  # per path, instead of max_body_bytes
+        self.contract_version = contract_version
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
             await self.app(scope, receive, send)
             return
-        body = await self._read_body(scope, receive)
+        if self.in_flight >= self.max_concurrency:
+            await self._error(send, 429, "too many requests in progress: retry later")
+            return
+        self.in_flight += 1
+        try:
+            await self._handle(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _error(self, send: Send, status: int, message: str) -> None:
+        body = {**envelope(status, message), "contract_version": self.contract_version}
+        await _send_json(send, status, body)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        max_bytes = self.body_limits.get(scope["path"], self.max_body_bytes)
+        body = await self._read_body(scope, receive, max_bytes)
         if body is None:
-            limit = f"request body exceeds {self.max_body_bytes} bytes"
-            await _send_json(send, 413, envelope(413, limit))
+            await self._error(send, 413, f"request body exceeds {max_bytes} bytes")
             return
         replayed = False
 
@@ -110,11 +163,17 @@ class ContractMiddleware:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, _ErrorRewriter(send))
+        rewriter = _ErrorRewriter(send, self.contract_version)
+        try:
+            await asyncio.wait_for(self.app(scope, replay, rewriter), self.timeout_s)
+        except TimeoutError:
+            LOG.warning("%s not answered within %s s", scope["path"], self.timeout_s)
+            if not rewriter.started:
+                await self._error(send, 504, f"not answered within {self.timeout_s} s")
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+    async def _read_body(self, scope: Scope, receive: Receive, max_bytes: int) -> bytes | None:
         for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+            if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
                 return None
         chunks, size = [], 0
         while True:
@@ -123,7 +182,7 @@ class ContractMiddleware:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > max_bytes:
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -134,12 +193,15 @@ class ContractMiddleware:
 class _ErrorRewriter:
     """An ASGI `send` that buffers error responses and rewrites their bodies."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, contract_version: int) -> None:
         self.send = send
+        self.contract_version = contract_version
+        self.started = False  # a response has begun: too late for another one
         self.start: Message | None = None
         self.chunks: list[bytes] = []
 
     async def __call__(self, message: Message) -> None:
+        self.started = True
         if message["type"] == "http.response.start" and message["status"] >= 400:
             self.start = message
             return
@@ -150,11 +212,13 @@ class _ErrorRewriter:
         if message.get("more_body", False):
             return
         status = self.start["status"]
+        if status == 422:  # FastAPI's validation status: invalid input is 400 everywhere
+            status = 400
         try:
             payload = json.loads(b"".join(self.chunks) or b"null")
         except ValueError:
             payload = None
-        body = normalise(status, payload)
+        body = {**normalise(status, payload), "contract_version": self.contract_version}
         if status >= 500:
             LOG.error("masked %s response: %s", status, payload)
         headers = [

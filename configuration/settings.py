@@ -47,7 +47,21 @@ class Settings(BaseSettings):
     model_threads: PositiveInt = Field(1, description="XGBoost threads per model worker.")
     runner_connection_max_requests: PositiveInt = 10**9
     runner_connection_max_age_s: PositiveFloat = 1e9
-    request_timeout_s: PositiveFloat = 10.0
+    request_timeout_s: PositiveFloat = Field(
+        10.0, description="BentoML's hard per-request timeout (504); above the deadlines below."
+    )
+    inference_deadline_ms: PositiveInt = Field(
+        2000,
+        description="Runner calls not answered within this get the fallback (timeout); the "
+        "late work still finishes in its batch and its result is dropped.",
+    )
+    explain_budget_ms: PositiveInt = Field(
+        500, description="Time budget of the optional explanation on /v1/predict."
+    )
+    explain_max_top_k: PositiveInt = Field(50, description="Cap on top_k of explanations.")
+    warmup_timeout_s: PositiveFloat = Field(
+        120.0, description="/readyz stays 503 until a warm-up prediction passes within this."
+    )
     trace_requests: bool = Field(
         False, description="OpenTelemetry spans for scoring routes (configure an exporter too)."
     )
@@ -55,6 +69,27 @@ class Settings(BaseSettings):
     # --- request limits -----------------------------------------------------------------------
     max_batch_rows: PositiveInt = Field(1000, description="Cap on rows in one predict_batch call.")
     max_body_bytes: PositiveInt = Field(2_000_000, description="Request bodies above this get 413.")
+    api_max_concurrency: PositiveInt = Field(
+        512, description="Requests in progress per API worker beyond which it answers 429."
+    )
+
+    # --- async scoring tasks (durable: they survive a restart) -------------------------------
+    task_database_url: str = Field(
+        f"sqlite:///{PROJECT_ROOT / 'tasks.db'}",
+        description="SQLAlchemy URL of the task queue; PostgreSQL when replicas share it.",
+    )
+    task_max_rows: PositiveInt = Field(100_000, description="Cap on rows in one task (413).")
+    task_max_body_bytes: PositiveInt = Field(
+        64_000_000, description="Bodies above this get 413 on POST /v1/tasks."
+    )
+    task_retention_s: PositiveFloat = Field(
+        86_400.0, description="Tasks and their results are deleted this long after submission."
+    )
+    task_lease_s: PositiveFloat = Field(
+        30.0, description="A running task whose worker stops renewing this is claimed again."
+    )
+    task_max_attempts: PositiveInt = Field(3, description="Attempts before a task fails.")
+    task_poll_s: PositiveFloat = Field(0.5, description="Idle workers look for tasks this often.")
 
     # --- batch scoring ------------------------------------------------------------------------
     batch_database_url: str = Field(

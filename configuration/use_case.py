@@ -82,6 +82,53 @@ class GateSpec(_Spec):
     max: float | None = None
 
 
+class RangeSpec(_Spec):
+    """A numeric condition: min <= value < max (either bound may be left out)."""
+
+    min: float | None = None
+    max: float | None = None
+
+
+class RuleSpec(_Spec):
+    """A fallback rule: when every condition holds, answer `label`. A condition is a list of
+    allowed values (null matches a missing value) or a numeric range."""
+
+    when: dict[str, tuple[str | float | bool | None, ...] | RangeSpec] = Field(min_length=1)
+    label: str
+
+    def matches(self, row: dict[str, Any]) -> bool:
+        for name, condition in self.when.items():
+            value = row.get(name)
+            if isinstance(value, float) and math.isnan(value):
+                value = None
+            if isinstance(condition, RangeSpec):
+                if value is None or isinstance(value, str):
+                    return False
+                if condition.min is not None and value < condition.min:
+                    return False
+                if condition.max is not None and value >= condition.max:
+                    return False
+            elif value not in condition:
+                return False
+        return True
+
+
+class FallbackSpec(_Spec):
+    """The deterministic answer given instead of the model's: below `min_confidence`, and when
+    the model errors, misses its deadline or is not ready.
+
+    strategies: `prior` answers the declared class prior; `rule` answers the first matching
+    rule's label (else `default_label`); `no_decision` answers no label at all."""
+
+    min_confidence: float = Field(
+        0.0, ge=0, le=1, description="Model answers less confident than this fall back (0: never)."
+    )
+    strategy: Literal["prior", "rule", "no_decision"] = "no_decision"
+    prior: dict[str, float] = Field(default_factory=dict)
+    rules: tuple[RuleSpec, ...] = ()
+    default_label: str | None = None
+
+
 class DataSpec(_Spec):
     """Where training data comes from: a generator, a bundled scikit-learn dataset, or a file."""
 
@@ -103,6 +150,7 @@ class UseCase(_Spec):
     features: tuple[FeatureSpec, ...] = Field(min_length=1)
     data: DataSpec
     decision_threshold: float = Field(0.5, gt=0, lt=1)
+    fallback: FallbackSpec = Field(default_factory=FallbackSpec)
     gates: dict[str, GateSpec] = Field(default_factory=dict)
     examples: tuple[dict[str, Any], ...] = Field(default=(), description="Valid request rows.")
     source_sha256: str = ""
@@ -135,7 +183,27 @@ class UseCase(_Spec):
             raise ValueError(f"target {self.target.name!r} must not also be a feature")
         if self.task == "binary" and len(self.target.classes) != 2:
             raise ValueError("a binary task needs exactly two classes")
+        self._check_fallback(names)
         return self
+
+    def _check_fallback(self, names: set[str]) -> None:
+        fallback, classes = self.fallback, set(self.target.classes)
+        if fallback.strategy == "prior":
+            if set(fallback.prior) != classes:
+                raise ValueError(f"fallback.prior needs a probability per class {sorted(classes)}")
+            if abs(sum(fallback.prior.values()) - 1) > 1e-6 or min(fallback.prior.values()) < 0:
+                raise ValueError("fallback.prior must be probabilities summing to 1")
+        if fallback.strategy == "rule" and fallback.default_label is None:
+            raise ValueError("fallback strategy 'rule' needs a default_label")
+        labels = [r.label for r in fallback.rules]
+        if fallback.default_label is not None:
+            labels.append(fallback.default_label)
+        unknown_labels = sorted(set(labels) - classes)
+        if unknown_labels:
+            raise ValueError(f"fallback labels {unknown_labels} are not classes {sorted(classes)}")
+        unknown = sorted({n for r in fallback.rules for n in r.when} - names)
+        if unknown:
+            raise ValueError(f"fallback rules name unknown features {unknown}")
 
     # ---- derived views -------------------------------------------------------------------
     @cached_property
@@ -157,6 +225,20 @@ class UseCase(_Spec):
 
     def registered_name(self, component: str) -> str:
         return registered_name(self.name, component)
+
+    def feature_sources(self, encoded_names: Sequence[str]) -> list[str]:
+        """The raw feature each encoded column comes from ("categorical__plan_tier_basic" ->
+        "plan_tier"), from the fitted transformer's output names: its "<step>__" prefix dropped,
+        then the longest model feature that the rest equals or starts with (plus "_")."""
+        by_length = sorted(self.model_feature_names, key=len, reverse=True)
+        sources = []
+        for encoded in encoded_names:
+            rest = encoded.split("__", 1)[-1]
+            source = next((f for f in by_length if rest == f or rest.startswith(f"{f}_")), None)
+            if source is None:
+                raise UseCaseError(f"encoded column {encoded!r} matches no model feature")
+            sources.append(source)
+        return sources
 
     def decide(self, probabilities: np.ndarray) -> np.ndarray:
         """Class indices from an (n x k) probability matrix: the decision threshold on the

@@ -2,46 +2,32 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from configuration import Settings
 
-if TYPE_CHECKING:
-    from prometheus_client import Histogram
-
 LOG = logging.getLogger(__name__)
-BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-
-
-@functools.cache
-def batch_rows() -> Histogram:
-    """Rows per batch each runner processed (`scoring_runner_batch_rows{runner}`); BentoML's
-    own `adaptive_batch_size` counts calls, and the API sends many rows per call."""
-    from prometheus_client import Histogram  # only once BentoML has set up multiprocess mode
-
-    return Histogram(
-        "scoring_runner_batch_rows",
-        "Rows in each batch a runner processed.",
-        ["runner"],
-        buckets=BATCH_ROW_BUCKETS,
-    )
 
 
 def service_options(
-    settings: Settings, workers: int, routes: list[str], access_log: bool = True
+    settings: Settings,
+    workers: int,
+    routes: list[str],
+    access_log: bool = True,
+    timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """`@bentoml.service` options shared by the API and the runners. Connection refresh is
     effectively off: the default (every 100 requests) drops in-flight calls under load. Without
     `trace_requests`, `routes` get no OpenTelemetry spans (nothing exports them by default, and
-    creating them was a quarter of the API worker's CPU)."""
+    creating them was a quarter of the API worker's CPU). BentoML's request timeout is
+    `timeout_s`, by default the settings' `request_timeout_s`."""
     return {
         "workers": workers,
-        "traffic": {"timeout": settings.request_timeout_s},
+        "traffic": {"timeout": timeout_s or settings.request_timeout_s},
         "runner_connection": {
             "max_requests": settings.runner_connection_max_requests,
             "max_age": settings.runner_connection_max_age_s,

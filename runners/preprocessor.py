@@ -11,8 +11,9 @@ import numpy as np
 
 from configuration import UseCase, current_use_case, get_settings
 from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
-from runners.batching import batch_rows, isolate_failures, service_options
+from runners.batching import isolate_failures, service_options
 from runners.encoder import Encoder
+from runners.metrics import batch_rows
 
 SETTINGS = get_settings()
 

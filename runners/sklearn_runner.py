@@ -4,29 +4,48 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from typing import Any
 
 import bentoml
 import numpy as np
 
 from configuration import get_settings
 from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
-from runners.batching import batch_rows, isolate_failures, service_options
+from runners.batching import isolate_failures, service_options
+from runners.metrics import batch_rows
 
 SETTINGS = get_settings()
 
 
-def load_predictor(model: bentoml.Model) -> Callable[[np.ndarray], np.ndarray]:
-    """A stored scikit-learn estimator as features (n x d) -> probabilities (n x k)."""
+def load_estimator(model: bentoml.Model) -> Any:
+    """A stored scikit-learn estimator, loaded by skops with explicit trusted types."""
     import skops.io  # heavy (scikit-learn, scipy): only where this model is used
 
-    estimator = skops.io.load(verified_file(model), trusted=SKOPS_TRUSTED_TYPES)
+    return skops.io.load(verified_file(model), trusted=SKOPS_TRUSTED_TYPES)
+
+
+def load_predictor(model: bentoml.Model) -> Callable[[np.ndarray], np.ndarray]:
+    """A stored scikit-learn estimator as features (n x d) -> probabilities (n x k)."""
+    estimator = load_estimator(model)
     return lambda features: np.asarray(estimator.predict_proba(features), dtype=np.float64)
+
+
+def linear_contributions(estimator: Any, features: np.ndarray) -> np.ndarray:
+    """Exact contributions of a linear model to its margin: coefficient x value per column,
+    the intercept as the bias (n x k' x d+1; k' = 1 for binary)."""
+    coef, intercept = np.asarray(estimator.coef_), np.asarray(estimator.intercept_)
+    values = features[:, None, :] * coef[None, :, :]
+    bias = np.broadcast_to(intercept[None, :, None], (len(features), len(intercept), 1))
+    return np.concatenate([values, bias], axis=2)
 
 
 @bentoml.service(
     name="sklearn",
     **service_options(
-        SETTINGS, SETTINGS.model_workers, routes=["/predict_proba"], access_log=False
+        SETTINGS,
+        SETTINGS.model_workers,
+        routes=["/predict_proba", "/contributions"],
+        access_log=False,
     ),
 )
 class SklearnRunner:
@@ -36,7 +55,7 @@ class SklearnRunner:
 
     def __init__(self) -> None:
         self.model = self.bento_model
-        self._predict = load_predictor(self.model)
+        self.estimator = load_estimator(self.model)
         self.n_classes = len(self.model.info.metadata["classes"])
         self.batch_rows = batch_rows().labels(runner="sklearn")
         gc.freeze()  # the loaded model is permanent: keep it out of every future collection
@@ -51,4 +70,17 @@ class SklearnRunner:
         # async on purpose: one short CPU step per batch on the worker's own loop is cheaper
         # than BentoML's hand-off of a sync method to a thread and back.
         self.batch_rows.observe(len(features))
-        return isolate_failures(self._predict, features, self.n_classes)
+        return isolate_failures(self._predict_proba, features, self.n_classes)
+
+    def _predict_proba(self, features: np.ndarray) -> np.ndarray:
+        return np.asarray(self.estimator.predict_proba(features), dtype=np.float64)
+
+    @bentoml.api(
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=SETTINGS.model_max_batch_size,
+        max_latency_ms=SETTINGS.model_max_latency_ms,
+    )
+    async def contributions(self, features: np.ndarray) -> np.ndarray:
+        """Encoded features (n x d) -> contributions to the margin (n x k' x d+1)."""
+        return linear_contributions(self.estimator, features)

@@ -6,13 +6,15 @@ import gc
 import sys
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 import bentoml
 import numpy as np
 
 from configuration import get_settings
 from runners.artifacts import model_tag, verified_file
-from runners.batching import batch_rows, isolate_failures, service_options
+from runners.batching import isolate_failures, service_options
+from runners.metrics import batch_rows
 
 SETTINGS = get_settings()
 
@@ -33,10 +35,15 @@ def import_xgboost_without_sklearn() -> ModuleType:
     return xgboost
 
 
-def load_predictor(model: bentoml.Model, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    """A stored XGBoost model as features (n x d) -> probabilities (n x k)."""
+def load_booster(model: bentoml.Model, threads: int) -> Any:
+    """A stored XGBoost model as a Booster with `threads` threads."""
     booster = import_xgboost_without_sklearn().Booster(model_file=str(verified_file(model)))
     booster.set_param({"nthread": threads})
+    return booster
+
+
+def predictor(booster: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """features (n x d) -> probabilities (n x k)."""
 
     def predict(features: np.ndarray) -> np.ndarray:
         scores = np.asarray(booster.inplace_predict(features), dtype=np.float64)
@@ -47,10 +54,31 @@ def load_predictor(model: bentoml.Model, threads: int) -> Callable[[np.ndarray],
     return predict
 
 
+def load_predictor(model: bentoml.Model, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A stored XGBoost model as features (n x d) -> probabilities (n x k)."""
+    return predictor(load_booster(model, threads))
+
+
+def explainer(booster: Any, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """features (n x d) -> TreeSHAP contributions (n x k' x d+1, the last column the bias)
+    to the margin; k' = 1 for binary models (the positive class's log-odds)."""
+    xgboost = import_xgboost_without_sklearn()
+
+    def contributions(features: np.ndarray) -> np.ndarray:
+        matrix = xgboost.DMatrix(features, nthread=threads)
+        values = np.asarray(booster.predict(matrix, pred_contribs=True), dtype=np.float64)
+        return values[:, None, :] if values.ndim == 2 else values
+
+    return contributions
+
+
 @bentoml.service(
     name="xgboost",
     **service_options(
-        SETTINGS, SETTINGS.model_workers, routes=["/predict_proba"], access_log=False
+        SETTINGS,
+        SETTINGS.model_workers,
+        routes=["/predict_proba", "/contributions"],
+        access_log=False,
     ),
 )
 class XGBoostRunner:
@@ -60,7 +88,9 @@ class XGBoostRunner:
 
     def __init__(self) -> None:
         self.model = self.bento_model
-        self._predict = load_predictor(self.model, SETTINGS.model_threads)
+        booster = load_booster(self.model, SETTINGS.model_threads)
+        self._predict = predictor(booster)
+        self._contributions = explainer(booster, SETTINGS.model_threads)
         self.n_classes = len(self.model.info.metadata["classes"])
         self.batch_rows = batch_rows().labels(runner="xgboost")
         gc.freeze()  # the loaded model is permanent: keep it out of every future collection
@@ -76,3 +106,13 @@ class XGBoostRunner:
         # than BentoML's hand-off of a sync method to a thread and back.
         self.batch_rows.observe(len(features))
         return isolate_failures(self._predict, features, self.n_classes)
+
+    @bentoml.api(
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=SETTINGS.model_max_batch_size,
+        max_latency_ms=SETTINGS.model_max_latency_ms,
+    )
+    async def contributions(self, features: np.ndarray) -> np.ndarray:
+        """Encoded features (n x d) -> contributions to the margin (n x k' x d+1)."""
+        return self._contributions(features)

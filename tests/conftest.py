@@ -21,6 +21,7 @@ TEST_ENV = {
     "BENTOML_DO_NOT_TRACK": "true",
     "SCORING_MLFLOW_TRACKING_URI": f"sqlite:///{SESSION_DIR / 'mlflow.db'}",
     "SCORING_MLFLOW_ARTIFACT_ROOT": str(SESSION_DIR / "mlartifacts"),
+    "SCORING_TASK_DATABASE_URL": f"sqlite:///{SESSION_DIR / 'tasks.db'}",
     "SCORING_DEMO_ROWS": "4000",
     "SCORING_XGB_N_ESTIMATORS": "60",
     "OMP_NUM_THREADS": "1",

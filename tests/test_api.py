@@ -35,7 +35,8 @@ def row(churn) -> dict:
 def assert_error(response, status: int, code: str, mentions: str = "") -> dict:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"}
+    assert set(body) == {"error", "contract_version"}
+    assert body["contract_version"] == 1
     assert set(body["error"]) == {"code", "message", "details"}
     assert body["error"]["code"] == code
     assert mentions in body["error"]["message"]

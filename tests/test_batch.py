@@ -67,7 +67,10 @@ def leads(n_rows: int, seed: int) -> pd.DataFrame:
 
 
 def read_table(url: str, table: str, job_id: str | None = None) -> pd.DataFrame:
-    query = f'SELECT key, label, score, probabilities, model_name, model_version FROM "{table}"'
+    query = (
+        "SELECT key, label, score, probabilities, model_name, model_version, fallback_reason "
+        f'FROM "{table}"'
+    )
     if job_id:
         query += f" WHERE job_id = '{job_id}'"
     with connect(url) as conn:
@@ -87,11 +90,16 @@ def test_batch_scores_equal_the_online_service(models, churn, api_client, tmp_pa
     ]
     online = api_client.post("/v1/predict_batch", json={"instances": rows}).json()
     assert online["errors"] == []
+    batch = batch.astype(object).where(batch.notna(), None)  # NULL -> None, as JSON has it
+    reasons = {p["fallback_reason"] for p in online["predictions"]}
+    assert reasons == {None, "low_confidence"}  # both kinds of answer are compared
     for prediction in online["predictions"]:
         stored = batch.loc[prediction["key"]]
         assert stored["label"] == prediction["label"]
         assert stored["score"] == prediction["score"]
-        assert json.loads(stored["probabilities"]) == prediction["probabilities"]
+        assert stored["fallback_reason"] == prediction["fallback_reason"]
+        probabilities = stored["probabilities"]
+        assert (probabilities and json.loads(probabilities)) == prediction["probabilities"]
         assert stored["model_version"] == online["model"]["version"]
 
 

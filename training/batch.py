@@ -10,13 +10,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import bentoml
 import numpy as np
 import pandas as pd
 
 from configuration import UseCase
+from configuration.policy import NO_LABEL, decide
 from runners.preprocessor import load_compiled, load_encoder
 from training.batch_sink import Sink, now
 
@@ -200,23 +201,39 @@ def score_chunk(
     ]
     if not valid.any():
         return [], rejected
-    probabilities = models.predict(models.encode(use_case.frame(frame[valid])))
+    scored_frame = frame[valid]
+    probabilities = models.predict(models.encode(use_case.frame(scored_frame)))
+    decisions = decide(
+        use_case,
+        probabilities,
+        lambda index: cast(list[dict[str, Any]], scored_frame.iloc[index].to_dict("records")),
+    )
     classes = use_case.target.classes
-    labels = use_case.decide(probabilities)
-    score_index = np.full(len(labels), 1) if use_case.task == "binary" else labels
-    scores = probabilities[np.arange(len(labels)), score_index]
     # the JSON object {class: probability} as json.dumps writes it (floats by repr), from a
     # template: json.dumps per row was a third of the time of a chunk
     keys_json = [json.dumps(c).replace("{", "{{").replace("}", "}}") for c in classes]
     template = "{{" + ", ".join(f"{k}: {{!r}}" for k in keys_json) + "}}"
-    constant = (models.name, models.version, None, now())
+    name, version, scored_at = models.name, models.version, now()
+    labels = [None if label == NO_LABEL else classes[label] for label in decisions.labels.tolist()]
+    # NaN != NaN: a fallback answer without probabilities (rule, no decision) stores NULLs
     scored = [
-        (job_id, str(key), classes[label], score, template.format(*p), *constant)
-        for key, label, score, p in zip(
+        (
+            job_id,
+            str(key),
+            label,
+            score if score == score else None,
+            template.format(*p) if p[0] == p[0] else None,
+            name,
+            version,
+            reason,
+            scored_at,
+        )
+        for key, label, score, p, reason in zip(
             keys[valid].tolist(),
-            labels.tolist(),
-            scores.tolist(),
-            probabilities.tolist(),
+            labels,
+            decisions.scores.tolist(),
+            decisions.probabilities.tolist(),
+            decisions.reasons.tolist(),
             strict=True,
         )
     ]

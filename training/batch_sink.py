@@ -64,9 +64,9 @@ class Sink:
             self.metadata,
             Column("job_id", String(64), primary_key=True),
             Column("key", String(256), primary_key=True),
-            Column("label", String(128), nullable=False),
-            Column("score", Float, nullable=False),
-            Column("probabilities", Text, nullable=False),  # JSON object: class -> probability
+            Column("label", String(128)),  # NULL: a 'no decision' fallback
+            Column("score", Float),  # NULL with probabilities: a fallback without them
+            Column("probabilities", Text),  # JSON object: class -> probability
             Column("model_name", String(128), nullable=False),
             Column("model_version", String(64), nullable=False),
             Column("fallback_reason", String(64)),

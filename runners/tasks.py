@@ -1,0 +1,365 @@
+"""Durable async scoring tasks: submit a large batch, get a task id at once, poll, fetch the result.
+
+State lives in a database through SQLAlchemy (SQLite by default; PostgreSQL by URL when several
+replicas share the queue), so queued, running and finished tasks survive a restart. A worker
+claims a task with a lease it renews while it works; a task whose worker died is claimed again
+once its lease has expired, at most `max_attempts` times, then marked failed. Finished tasks and
+their results are deleted `retention_s` after they were submitted. Submitting again with the
+same idempotency key returns the existing task (a different payload under the same key is a
+conflict).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pydantic_core import to_json
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+LOG = logging.getLogger(__name__)
+PURGE_EVERY_S = 60.0
+
+TaskStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+class IdempotencyConflict(ValueError):
+    """An idempotency key was reused with a different payload."""
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    status: TaskStatus
+    rows: int
+    attempts: int
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime
+    error: str | None
+
+    def public(self) -> dict[str, Any]:
+        """The task as the status route shows it."""
+        return {
+            "task_id": self.id,
+            "status": self.status,
+            "rows": self.rows,
+            "attempts": self.attempts,
+            "idempotency_key": self.idempotency_key,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "expires_at": self.expires_at.isoformat(),
+            "error": self.error,
+        }
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite gives naive datetimes back: they were stored in UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+class TaskStore:
+    """The `scoring_tasks` table and the only operations on it."""
+
+    def __init__(self, url: str, *, retention_s: float, lease_s: float, max_attempts: int) -> None:
+        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.retention = timedelta(seconds=retention_s)
+        self.lease = timedelta(seconds=lease_s)
+        self.max_attempts = max_attempts
+        metadata = MetaData()
+        self.table = Table(
+            "scoring_tasks",
+            metadata,
+            Column("id", String(36), primary_key=True),
+            Column("idempotency_key", String(128), unique=True),
+            Column("payload_sha256", String(64), nullable=False),
+            Column("status", String(16), nullable=False, index=True),
+            Column("rows", Integer, nullable=False),
+            Column("attempts", Integer, nullable=False),
+            Column("payload", Text, nullable=False),  # JSON: the submitted instances
+            Column("result", Text),  # JSON: the response body, once succeeded
+            Column("error", Text),
+            Column("created_at", DateTime(timezone=True), nullable=False),
+            Column("updated_at", DateTime(timezone=True), nullable=False),
+            Column("lease_until", DateTime(timezone=True)),
+            Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+        )
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- submit and read -----------------------------------------------------------------
+    def submit(self, payload: bytes, rows: int, key: str | None) -> tuple[Task, bool]:
+        """(task, created). With a known `key`, the existing task (created False)."""
+        digest = hashlib.sha256(payload).hexdigest()
+        if key is not None and (existing := self._by_key(key)) is not None:
+            return self._same_payload(existing, digest), False
+        created = now()
+        values = {
+            "id": str(uuid.uuid4()),
+            "idempotency_key": key,
+            "payload_sha256": digest,
+            "status": "queued",
+            "rows": rows,
+            "attempts": 0,
+            "payload": payload.decode(),
+            "created_at": created,
+            "updated_at": created,
+            "expires_at": created + self.retention,
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(self.table).values(**values))
+        except IntegrityError:  # the same key, submitted concurrently: that one won
+            existing = self._by_key(str(key)) if key is not None else None
+            if existing is None:
+                raise
+            return self._same_payload(existing, digest), False
+        task = self.get(str(values["id"]))
+        assert task is not None
+        return task, True
+
+    def _same_payload(self, task_id: str, digest: str) -> Task:
+        with self.engine.connect() as conn:
+            stored = conn.execute(
+                select(self.table.c.payload_sha256).where(self.table.c.id == task_id)
+            ).scalar_one()
+        if stored != digest:
+            raise IdempotencyConflict("this idempotency key was used for a different payload")
+        task = self.get(task_id)
+        assert task is not None
+        return task
+
+    def _by_key(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(self.table.c.id).where(self.table.c.idempotency_key == key)
+            ).scalar_one_or_none()
+
+    def get(self, task_id: str) -> Task | None:
+        """The task, unless unknown or past its retention."""
+        t = self.table.c
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(
+                    t.id,
+                    t.status,
+                    t.rows,
+                    t.attempts,
+                    t.idempotency_key,
+                    t.created_at,
+                    t.updated_at,
+                    t.expires_at,
+                    t.error,
+                ).where(t.id == task_id)
+            ).one_or_none()
+        if row is None or _aware(row.expires_at) <= now():
+            return None
+        return Task(
+            id=row.id,
+            status=row.status,
+            rows=row.rows,
+            attempts=row.attempts,
+            idempotency_key=row.idempotency_key,
+            created_at=_aware(row.created_at),
+            updated_at=_aware(row.updated_at),
+            expires_at=_aware(row.expires_at),
+            error=row.error,
+        )
+
+    def result(self, task_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(self.table.c.result).where(self.table.c.id == task_id)
+            ).scalar_one_or_none()
+
+    # ---- the worker's side ------------------------------------------------------------------
+    def claim(self) -> tuple[str, str] | None:
+        """(task id, payload) of the oldest claimable task, now leased to the caller: queued,
+        or running under an expired lease (its worker died). Safe across replicas: the claim
+        is a conditional update that only one caller can win."""
+        t = self.table.c
+        self._give_up_on_crash_loops()
+        for _ in range(5):  # lost races: try the next candidate
+            moment = now()
+            claimable = or_(
+                t.status == "queued", (t.status == "running") & (t.lease_until < moment)
+            )
+            with self.engine.begin() as conn:
+                candidate = conn.execute(
+                    select(t.id, t.payload).where(claimable).order_by(t.created_at).limit(1)
+                ).one_or_none()
+                if candidate is None:
+                    return None
+                won = conn.execute(
+                    update(self.table)
+                    .where((t.id == candidate.id) & claimable)
+                    .values(
+                        status="running",
+                        attempts=t.attempts + 1,
+                        lease_until=moment + self.lease,
+                        updated_at=moment,
+                    )
+                ).rowcount
+            if won == 1:
+                return candidate.id, candidate.payload
+        return None
+
+    def _give_up_on_crash_loops(self) -> None:
+        """A task whose worker died `max_attempts` times fails instead of being claimed again."""
+        t = self.table.c
+        moment = now()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(self.table)
+                .where(
+                    (t.status == "running")
+                    & (t.lease_until < moment)
+                    & (t.attempts >= self.max_attempts)
+                )
+                .values(
+                    status="failed",
+                    error=f"abandoned after {self.max_attempts} attempts",
+                    updated_at=moment,
+                    lease_until=None,
+                )
+            )
+
+    def renew(self, task_id: str) -> None:
+        """Extend the lease of a task the caller is still working on."""
+        moment = now()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(self.table)
+                .where((self.table.c.id == task_id) & (self.table.c.status == "running"))
+                .values(lease_until=moment + self.lease, updated_at=moment)
+            )
+
+    def finish(self, task_id: str, result: str) -> None:
+        self._close(task_id, status="succeeded", result=result)
+
+    def retry_or_fail(self, task_id: str, error: str) -> None:
+        """After a failed attempt: queued again while attempts remain, else failed."""
+        with self.engine.connect() as conn:
+            attempts = conn.execute(
+                select(self.table.c.attempts).where(self.table.c.id == task_id)
+            ).scalar_one()
+        if attempts < self.max_attempts:
+            self._close(task_id, status="queued", error=error)
+        else:
+            self._close(task_id, status="failed", error=f"{error} (after {attempts} attempts)")
+
+    def _close(self, task_id: str, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(self.table)
+                .where((self.table.c.id == task_id) & (self.table.c.status == "running"))
+                .values(**values, lease_until=None, updated_at=now())
+            )
+
+    def purge(self) -> int:
+        """Delete tasks past their retention; how many."""
+        with self.engine.begin() as conn:
+            return int(
+                conn.execute(delete(self.table).where(self.table.c.expires_at <= now())).rowcount
+            )
+
+
+class TaskWorker:
+    """Runs in each API worker: claims tasks one at a time and scores them with `score`
+    (rows -> response body), renewing the lease between chunks. Purges expired tasks."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        score: Callable[[list[Any]], Awaitable[dict[str, Any]]],
+        chunk_rows: int,
+        poll_s: float,
+    ) -> None:
+        self.store = store
+        self.score = score
+        self.chunk_rows = chunk_rows
+        self.poll_s = poll_s
+
+    async def run(self) -> None:
+        purged_at = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if loop.time() - purged_at > PURGE_EVERY_S:
+                    purged_at = loop.time()
+                    await asyncio.to_thread(self.store.purge)
+                claimed = await asyncio.to_thread(self.store.claim)
+            except Exception:  # the database is unreachable: try again later
+                LOG.exception("task store unavailable")
+                claimed = None
+            if claimed is None:
+                await asyncio.sleep(self.poll_s)
+                continue
+            await self.work(*claimed)
+
+    async def work(self, task_id: str, payload: str) -> None:
+        try:
+            instances = json.loads(payload)
+            bodies = []
+            for start in range(0, len(instances), self.chunk_rows):
+                bodies.append(await self.score(instances[start : start + self.chunk_rows]))
+                await asyncio.to_thread(self.store.renew, task_id)
+            result = merge(bodies, self.chunk_rows)
+            await asyncio.to_thread(self.store.finish, task_id, to_json(result).decode())
+            LOG.info("task %s: %d rows scored", task_id, len(instances))
+        except Exception:
+            LOG.exception("task %s failed", task_id)
+            await asyncio.to_thread(
+                self.store.retry_or_fail, task_id, "scoring failed; see the service log"
+            )
+
+
+def merge(bodies: list[dict[str, Any]], chunk_rows: int) -> dict[str, Any]:
+    """Chunk responses (predict_batch's shape) as one, row indexes counted from the start."""
+    merged: dict[str, Any] = {**bodies[0], "predictions": [], "errors": []} if bodies else {}
+    for number, body in enumerate(bodies):
+        merged["predictions"].extend(body["predictions"])
+        for error in body["errors"]:
+            error = error if isinstance(error, dict) else error.model_dump()
+            merged["errors"].append({**error, "index": error["index"] + number * chunk_rows})
+    return merged

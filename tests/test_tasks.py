@@ -1,0 +1,141 @@
+"""The durable task store on SQLite and on a real PostgreSQL: idempotency, exclusive claims,
+leases, bounded attempts, retention. (Across a real restart: tests/test_e2e_production.py.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from runners.tasks import IdempotencyConflict, TaskStore, merge
+
+from .conftest import IN_CI
+from .test_batch import POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tasks.db'}"
+    engine = create_engine(POSTGRES_URL)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS scoring_tasks"))
+    except Exception as exc:  # any failure to connect means: no server here
+        message = f"PostgreSQL at {POSTGRES_URL} unreachable: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    finally:
+        engine.dispose()
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def store():
+    """store(url, **options) -> a TaskStore, closed after the test."""
+    opened: list[TaskStore] = []
+
+    def open_store(url: str, **options) -> TaskStore:
+        settings = {"retention_s": 3600.0, "lease_s": 30.0, "max_attempts": 3, **options}
+        opened.append(TaskStore(url, **settings))
+        return opened[-1]
+
+    yield open_store
+    for tasks in opened:
+        tasks.close()
+
+
+def test_an_idempotency_key_gives_the_same_task_and_refuses_another_payload(url, store):
+    tasks = store(url)
+    first, created = tasks.submit(b"[1, 2]", 2, "key-1")
+    again, created_again = tasks.submit(b"[1, 2]", 2, "key-1")
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(IdempotencyConflict):
+        tasks.submit(b"[3]", 1, "key-1")
+    other, created_other = tasks.submit(b"[1, 2]", 2, None)
+    assert created_other and other.id != first.id
+
+
+def test_each_task_is_claimed_by_exactly_one_worker(url, store):
+    """Two stores (as two replicas would have) claim from four threads at once."""
+    submitted = {store(url).submit(f"[{i}]".encode(), 1, None)[0].id for i in range(40)}
+    replicas = [store(url), store(url)]
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(tasks: TaskStore) -> None:
+        while (task := tasks.claim()) is not None:
+            with lock:
+                claimed.append(task[0])
+            tasks.finish(task[0], "{}")
+
+    threads = [threading.Thread(target=worker, args=(replicas[i % 2],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(submitted)  # every task once, none twice
+
+
+def test_a_task_whose_worker_died_is_claimed_again_then_given_up(url, store):
+    tasks = store(url, lease_s=0.2, max_attempts=2)
+    task, _ = tasks.submit(b"[1]", 1, None)
+    assert tasks.claim() == (task.id, "[1]")
+    assert tasks.claim() is None  # leased to the first worker
+    time.sleep(0.3)  # the first worker died: its lease expires
+    assert tasks.claim() == (task.id, "[1]")
+    assert tasks.get(task.id).attempts == 2  # type: ignore[union-attr]
+    time.sleep(0.3)  # died again: no attempt left
+    assert tasks.claim() is None
+    failed = tasks.get(task.id)
+    assert failed is not None and failed.status == "failed"
+    assert "abandoned after 2 attempts" in str(failed.error)
+
+
+def test_a_renewed_lease_keeps_the_task(url, store):
+    tasks = store(url, lease_s=0.3)
+    task, _ = tasks.submit(b"[1]", 1, None)
+    tasks.claim()
+    for _ in range(3):
+        time.sleep(0.15)
+        tasks.renew(task.id)
+    assert tasks.claim() is None
+
+
+def test_a_failed_attempt_is_retried_while_attempts_remain(url, store):
+    tasks = store(url, max_attempts=2)
+    task, _ = tasks.submit(b"[1]", 1, None)
+    tasks.claim()
+    tasks.retry_or_fail(task.id, "boom")
+    assert tasks.get(task.id).status == "queued"  # type: ignore[union-attr]
+    tasks.claim()
+    tasks.retry_or_fail(task.id, "boom")
+    final = tasks.get(task.id)
+    assert final is not None and final.status == "failed" and "after 2 attempts" in str(final.error)
+
+
+def test_results_are_kept_until_retention_then_deleted(url, store):
+    tasks = store(url, retention_s=0.5)
+    task, _ = tasks.submit(b"[1]", 1, None)
+    tasks.claim()
+    tasks.finish(task.id, '{"predictions": [1]}')
+    assert tasks.get(task.id).status == "succeeded"  # type: ignore[union-attr]
+    assert tasks.result(task.id) == '{"predictions": [1]}'
+    time.sleep(0.6)
+    assert tasks.get(task.id) is None
+    assert tasks.purge() == 1
+    assert tasks.result(task.id) is None
+
+
+def test_chunk_results_merge_with_row_indexes_from_the_start():
+    bodies = [
+        {"predictions": [1, None], "errors": [{"index": 1, "code": "invalid_input"}], "m": 1},
+        {"predictions": [None, 4], "errors": [{"index": 0, "code": "invalid_input"}], "m": 1},
+    ]
+    merged = merge(bodies, chunk_rows=2)
+    assert merged["predictions"] == [1, None, None, 4]
+    assert [e["index"] for e in merged["errors"]] == [1, 2]
+    assert merged["m"] == 1
