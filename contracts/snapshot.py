@@ -1,0 +1,13 @@
+"""Print the contract of the configured use case (SCORING_USE_CASE) as JSON."""
+
+import json
+
+import service
+from configuration import API_PREFIX
+from configuration.openapi import declare_errors
+from contracts import snapshot_of
+
+spec = service.Scoring.openapi_spec.asdict()
+declare_errors(spec, service.ROUTE_ERRORS)
+use_case = service.USE_CASE
+print(json.dumps(snapshot_of(spec, API_PREFIX, use_case.name, use_case.contract_version)))
