@@ -349,3 +349,22 @@ class TestLimits:
             response = client.post("/v1/slow", content=b"x" * 2000)
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "payload_too_large"
+
+    def test_a_route_can_have_its_own_body_limit(self):
+        from starlette.testclient import TestClient
+
+        from configuration.errors import ContractMiddleware
+
+        app = self.app(delay=0)
+        limited = ContractMiddleware(
+            app.app,
+            prefix="/v1",
+            max_body_bytes=1000,
+            contract_version=3,
+            max_concurrency=10,
+            timeout_s=10,
+            body_limits={"/v1/slow": 5000},
+        )
+        with TestClient(limited) as client:
+            assert client.post("/v1/slow", content=b"1" * 2000).status_code == 200
+            assert client.post("/v1/slow", content=b"1" * 6000).status_code == 413

@@ -139,3 +139,40 @@ def test_chunk_results_merge_with_row_indexes_from_the_start():
     assert merged["predictions"] == [1, None, None, 4]
     assert [e["index"] for e in merged["errors"]] == [1, 2]
     assert merged["m"] == 1
+
+
+class TestTaskRoutes:
+    """In process, through the API service."""
+
+    def test_more_rows_than_the_cap_is_413(self, api_client, churn, monkeypatch):
+        import service
+
+        capped = service.SETTINGS.model_copy(update={"task_max_rows": 5})
+        monkeypatch.setattr(service, "SETTINGS", capped)
+        rows = [dict(churn.examples[0])] * 6
+        response = api_client.post("/v1/tasks", json={"instances": rows})
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "payload_too_large"
+
+    def test_a_task_is_scored_like_predict_batch(self, api_client, churn):
+        rows = [dict(churn.examples[i % 2], customer_id=f"T-{i}") for i in range(1200)]
+        rows[700] = {**rows[700], "age": 7}
+        submitted = api_client.post("/v1/tasks", json={"instances": rows})
+        assert submitted.status_code == 202
+        task_id = submitted.json()["task_id"]
+        assert api_client.get(f"/v1/tasks/{task_id}/result").status_code in (200, 409)
+        deadline = time.monotonic() + 60
+        while api_client.get(f"/v1/tasks/{task_id}").json()["status"] != "succeeded":
+            assert time.monotonic() < deadline, "task not done within 60 s"
+            time.sleep(0.1)
+        result = api_client.get(f"/v1/tasks/{task_id}/result").json()
+        online = api_client.post("/v1/predict_batch", json={"instances": rows[600:800]}).json()
+        assert result["predictions"][600:800] == online["predictions"]
+        assert [e["index"] for e in result["errors"]] == [700]  # counted from the task's start
+        assert result["predictions"][700] is None
+
+    def test_unknown_tasks_are_404(self, api_client):
+        for path in ("/v1/tasks/nope", "/v1/tasks/nope/result"):
+            response = api_client.get(path)
+            assert response.status_code == 404
+            assert response.json()["error"]["code"] == "not_found"
