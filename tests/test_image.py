@@ -27,8 +27,17 @@ IMAGE_BUDGET_MB = 650
 SERVICE_UID = 1034  # BentoML's `bentoml` user, which packaging/Dockerfile.j2 runs as
 CONTAINER_PORT = 3000
 READY_TIMEOUT_S = 120
-# as deploy/kubernetes.yaml runs the pod: read-only root, /tmp writable, BENTOML_HOME under it
-HARDENED = ["--read-only", "--tmpfs", "/tmp", "--env", "BENTOML_HOME=/tmp/bentoml"]
+# as deploy/kubernetes.yaml runs the pod: read-only root, /tmp writable, BENTOML_HOME under it;
+# the task queue, which the pod keeps in PostgreSQL, in SQLite under /tmp
+HARDENED = [
+    "--read-only",
+    "--tmpfs",
+    "/tmp",
+    "--env",
+    "BENTOML_HOME=/tmp/bentoml",
+    "--env",
+    "SCORING_TASK_DATABASE_URL=sqlite:////tmp/tasks.db",
+]
 SERVING_MODULES = ("numpy", "scipy", "pandas", "sklearn", "skops.io", "xgboost", "bentoml")
 
 
@@ -55,8 +64,9 @@ def test_deploy_manifest_probes_resources_and_restart_policy():
     assert {"cpu", "memory"} <= set(container["resources"]["requests"])
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["BENTOML_HOME"].startswith("/tmp/")
+    assert "SCORING_TASK_DATABASE_URL" in env  # its default is a file on the read-only root
     unknown = {
         name
         for name in env
