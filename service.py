@@ -3,15 +3,14 @@
 
 import asyncio
 import gc
+import hmac
 import logging
+import time
 from typing import Annotated, Any, Literal, cast
 
 import bentoml
-import httpx
-import numpy as np
-from bentoml.exceptions import ServiceUnavailable
 from fastapi import FastAPI, Header
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_json
 from starlette.responses import JSONResponse, Response
 
@@ -19,6 +18,7 @@ from configuration import (
     API_PREFIX,
     ModelInfo,
     ModelRef,
+    RoutingInfo,
     RowError,
     StoredModel,
     contract_for,
@@ -28,20 +28,23 @@ from configuration import (
 from configuration.errors import (
     Conflict,
     ContractMiddleware,
+    Forbidden,
     InferenceFailed,
     InferenceTimeout,
     NotFound,
     PayloadTooLarge,
     ScoringError,
+    Unauthorized,
 )
 from configuration.openapi import OpenAPIErrors
-from configuration.policy import FALLBACK_REASONS, Decisions, FallbackReason, decide
-from runners.answers import Explainer, predictions
+from configuration.policy import Decisions
+from runners.answers import predictions
 from runners.artifacts import served_model
 from runners.batching import service_options
-from runners.coalescing import Coalescer
-from runners.metrics import fallbacks
+from runners.prediction_log import PredictionLog
 from runners.preprocessor import Preprocessor
+from runners.routing import Routing, RoutingError, RoutingTable, initial_routing
+from runners.scorer import Runners, Scorer
 from runners.sklearn_runner import SklearnRunner
 from runners.tasks import IdempotencyConflict, Task, TaskStore, TaskWorker
 from runners.xgboost_runner import XGBoostRunner
@@ -74,11 +77,52 @@ ROUTE_ERRORS: dict[str, dict[str, tuple[int, ...]]] = {
     f"{API_PREFIX}/predict_batch": {"post": (400, 413, 429, 504)},
     f"{API_PREFIX}/explain": {"post": (400, 413, 429, 503, 504)},
     f"{API_PREFIX}/model": {"get": (429,)},
+    f"{API_PREFIX}/drift": {"get": (429,)},
     f"{API_PREFIX}/tasks": {"post": (400, 409, 413, 429, 504)},
     f"{API_PREFIX}/tasks/{{task_id}}": {"get": (404, 429)},
     f"{API_PREFIX}/tasks/{{task_id}}/result": {"get": (404, 409, 429)},
+    f"{API_PREFIX}/admin/routing": {"get": (401, 403, 404), "put": (400, 401, 403, 404, 503)},
 }
-NOT_READY_ERRORS = (ServiceUnavailable, httpx.TransportError, OSError)
+
+
+class DriftReport(BaseModel):
+    status: Literal["ok", "warning", "drift", "insufficient_data", "unavailable"]
+    model_version: str = Field(description="The champion whose reference is compared.")
+    window_rows: int
+    min_rows: int
+    thresholds: dict[str, float] = Field(description="PSI from which a status is warning/drift.")
+    features: dict[str, float] = Field(description="PSI per model feature.")
+    score: float | None = Field(description="PSI of the model's score.")
+    drifting: list[str] = Field(description="Features (and `score`) at or over the warning.")
+
+
+class RoutingSpec(BaseModel):
+    """The versions to serve: MLflow registry versions of the serving flavor, imported into
+    the model store (the Bento packs the newest `packed_versions`)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    champion: str = Field(description="Registry version that answers.")
+    challenger: str | None = Field(None, description="Registry version of the challenger.")
+    mode: Literal["off", "split", "shadow"] = "off"
+    share: float = Field(0.0, ge=0, le=1, description="Share of keys for the challenger (split).")
+
+
+class RoutingChange(RoutingInfo):
+    swap_s: float = Field(description="Seconds to load, verify and warm the versions and swap.")
+
+
+def admin_refusal(authorization: str | None) -> JSONResponse | None:
+    """None when `authorization` carries the admin token; else the error to answer."""
+    token = SETTINGS.admin_token
+    if token is None:
+        return error_response(NotFound("admin routes are disabled: no admin token configured"))
+    if not authorization or not authorization.startswith("Bearer "):
+        return error_response(Unauthorized("an admin route needs 'Authorization: Bearer <token>'"))
+    if not hmac.compare_digest(authorization[7:].encode(), token.get_secret_value().encode()):
+        return error_response(Forbidden("wrong admin token"))
+    return None
+
 
 info_app = FastAPI(title="scoring model info")
 
@@ -158,36 +202,17 @@ class Scoring:
     model = bentoml.depends(SERVING_RUNNER)
 
     def __init__(self) -> None:
-        self._coalesce = Coalescer(
-            self._run_runners, SETTINGS.api_max_batch_rows, SETTINGS.api_max_in_flight
+        self.runner_calls = Runners(
+            transform=lambda rows: self.preprocessor.to_async.transform(rows),
+            predict_proba=lambda x: self.model.to_async.predict_proba(x),
+            contributions=lambda x: self.model.to_async.contributions(x),
+            load_preprocessor=lambda version: self.preprocessor.to_async.load(version),
+            load_model=lambda version: self.model.to_async.load(version),
         )
-        model = served_model(SERVING_RUNNER)
-        preprocessor = served_model(Preprocessor)
-        if model.info.metadata["preprocessor_sha256"] != preprocessor.info.metadata["sha256"]:
-            raise RuntimeError(
-                f"{model.tag} was trained with {model.info.metadata['preprocessor_tag']!s}, but "
-                f"{preprocessor.tag} is the latest preprocessor: re-import with "
-                "`python -m training import`"
-            )
-        self.model_ref = ModelRef(
-            name=model.info.labels["registered_name"],
-            version=model.info.labels["registered_version"],
-            alias=model.info.labels["alias"],
-            flavor=SETTINGS.model_flavor,
-            bento_tag=str(model.tag),
-        )
-        self.info = ModelInfo(
-            use_case=USE_CASE.name,
-            task=USE_CASE.task,
-            classes=list(USE_CASE.target.classes),
-            decision_threshold=USE_CASE.decision_threshold,
-            contract_version=USE_CASE.contract_version,
-            serving=self.model_ref,
-            models={"preprocessor": stored(preprocessor), SETTINGS.model_flavor: stored(model)},
-        )
-        encoded_names = [str(n) for n in preprocessor.info.metadata["feature_names"]]  # type: ignore[union-attr]
-        self.explainer = Explainer(USE_CASE, encoded_names)
-        self.fallbacks = {reason: fallbacks().labels(reason=reason) for reason in FALLBACK_REASONS}
+        routing = initial_routing(SETTINGS, served_model(SERVING_RUNNER))
+        self.scorer = Scorer(SETTINGS, USE_CASE, self.runner_calls, routing)
+        self.prediction_log = PredictionLog(SETTINGS, USE_CASE)
+        self.routing_table = RoutingTable(SETTINGS.task_database_url)
         self.ready = False
         self.tasks = TaskStore(
             SETTINGS.task_database_url,
@@ -198,15 +223,24 @@ class Scoring:
         self._background: list[asyncio.Task[None]] = []
         gc.freeze()  # start-up objects are permanent: keep them out of every future collection
 
-    # ---- readiness: models loaded and verified (runners), then a warm-up prediction ----------
+    @property
+    def model_ref(self) -> ModelRef:
+        return self.scorer.routing.champion.ref
+
+    # ---- background work: warm-up (readiness), async tasks, routing set by admin calls -------
     @bentoml.on_startup
     async def start_background_work(self) -> None:
         worker = TaskWorker(
-            self.tasks, self._score_instances, SETTINGS.api_max_batch_rows, SETTINGS.task_poll_s
+            self.tasks,
+            lambda rows: self._score_instances(rows, route="task"),
+            SETTINGS.api_max_batch_rows,
+            SETTINGS.task_poll_s,
         )
         self._background = [
             asyncio.create_task(self._warm_up()),
             asyncio.create_task(worker.run()),
+            asyncio.create_task(self._follow_routing_table()),
+            asyncio.create_task(self._update_drift_gauges()),
         ]
 
     @bentoml.on_shutdown
@@ -215,88 +249,69 @@ class Scoring:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self.tasks.close()
+        self.routing_table.close()
 
     async def _warm_up(self) -> None:
-        """Score the use case's examples through the runners until the model answers them all
-        (runners may still be starting; the inference deadline does not apply). /readyz is 503
-        until then, and stays 503 if it never does within `warmup_timeout_s`."""
-        rows = [dict(CONTRACT.Row.model_validate(e).__dict__) for e in USE_CASE.examples] or [{}]
+        """Score the use case's examples with every arm through the runners until the models
+        answer them all (runners may still be starting). /readyz is 503 until then, and stays
+        503 if they never do within `warmup_timeout_s`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SETTINGS.warmup_timeout_s
-        problem = "no attempt"
+        problem: str | None = "no attempt"
         while loop.time() < deadline:
-            try:
-                probabilities = await self._coalesce(rows)
-            except Exception as exc:  # runners still starting, or broken: retried until deadline
-                problem = repr(exc)
-            else:
-                if np.isfinite(probabilities).all():
-                    self.ready = True
-                    LOG.info("warm-up passed: the model scored %d example rows", len(rows))
-                    return
-                problem = "the model failed on an example row"
+            problem = await self.scorer.warm(self.scorer.routing)
+            if problem is None:
+                self.ready = True
+                LOG.info("warm-up passed: the models scored the example rows")
+                return
             await asyncio.sleep(0.5)
         LOG.error("warm-up failed within %s s (%s): not ready", SETTINGS.warmup_timeout_s, problem)
 
     def __is_ready__(self) -> bool:
         return self.ready
 
-    # ---- scoring ---------------------------------------------------------------------------
-    async def _run_runners(self, rows: list[dict[str, Any]]) -> np.ndarray:
-        """Probabilities (n x k) for a coalesced batch; a row that a runner failed on stays NaN
-        (never guessed) and is not sent on to the model."""
-        features = await self.preprocessor.to_async.transform(USE_CASE.matrix(rows))
-        ok = ~np.isnan(features).any(axis=1)
-        probabilities = np.full((len(rows), len(USE_CASE.target.classes)), np.nan)
-        if ok.any():
-            probabilities[ok] = await self.model.to_async.predict_proba(features[ok])
-        return probabilities
+    async def _follow_routing_table(self) -> None:
+        """Apply the routing an admin call stored (through this worker or another, or before a
+        restart) once it differs from what this worker serves."""
+        while True:
+            try:
+                spec = await asyncio.to_thread(self.routing_table.read)
+                if spec is not None and spec != self.scorer.routing.spec():
+                    routing, seconds = await self.scorer.swap(spec)
+                    LOG.info("now serving %s (swapped in %.3f s)", routing.spec(), seconds)
+            except Exception:  # an unreadable table or a version that cannot load: keep serving
+                LOG.exception("cannot apply the stored routing")
+            await asyncio.sleep(SETTINGS.routing_poll_s)
 
-    async def _decide(self, rows: list[dict[str, Any]]) -> Decisions:
-        """The answer for each row: the model's within the deadline, else the fallback's."""
-        failed: FallbackReason | None = None
-        try:
-            probabilities = await asyncio.wait_for(
-                self._coalesce(rows), SETTINGS.inference_deadline_ms / 1000
-            )
-        except (TimeoutError, httpx.TimeoutException):
-            failed = "timeout"  # the batch runs on; its result for these rows is dropped
-        except NOT_READY_ERRORS as exc:
-            failed = "model_not_ready"
-            LOG.warning("runner unavailable: %s", exc)
-        except Exception:  # any other runner failure: logged, answered by the fallback
-            failed = "model_error"
-            LOG.exception("runner call failed")
-        if failed is not None:
-            probabilities = np.full((len(rows), len(USE_CASE.target.classes)), np.nan)
-        decisions = decide(USE_CASE, probabilities, lambda index: [rows[i] for i in index], failed)
-        for reason in decisions.reasons[decisions.fallback].tolist():
-            self.fallbacks[reason].inc()
-        return decisions
+    async def _update_drift_gauges(self) -> None:
+        while True:
+            await asyncio.sleep(SETTINGS.drift_update_s)
+            try:
+                self.scorer.drift_report()
+            except Exception:  # the gauges stay as they were; scoring goes on
+                LOG.exception("drift update failed")
+
+    # ---- scoring ---------------------------------------------------------------------------
+    async def _decide(self, rows: list[dict[str, Any]]) -> tuple[Decisions, Routing]:
+        """Answers, and the routing that gave them (its champion names the response's model:
+        a request that overlaps a swap is answered wholly by the versions it started with)."""
+        return await self.scorer.decide(rows)
 
     async def _explain(
         self, row: dict[str, Any], decisions: Decisions, top_k: int
     ) -> dict[str, Any] | None:
-        """The explanation of the model's answer for one row (None when it has none)."""
-        if decisions.reasons[0] not in (None, "low_confidence"):
-            return None
-        features = await self.preprocessor.to_async.transform(USE_CASE.matrix([row]))
-        if np.isnan(features).any():
-            return None
-        contributions = await self.model.to_async.contributions(features)
-        label = int(decisions.labels[0])
-        return self.explainer.explain(row, contributions[0], max(label, 0), top_k)
+        return await self.scorer.explain(row, decisions, top_k)
 
     def _response(
         self,
         row: dict[str, Any],
-        decisions: Decisions,
+        scored: tuple[Decisions, Routing],
         explanation: dict[str, Any] | None = None,
         explanation_status: str | None = None,
     ) -> dict[str, Any]:
         return {
-            "prediction": predictions(USE_CASE, [row], decisions)[0],
-            "model": self.model_ref,
+            "prediction": predictions(USE_CASE, [row], scored[0])[0],
+            "model": scored[1].champion.ref,
             "contract_version": USE_CASE.contract_version,
             "explanation": explanation,
             "explanation_status": explanation_status,
@@ -310,43 +325,51 @@ class Scoring:
         top_k: TopK = 5,
     ) -> PredictResponse:  # type: ignore[valid-type]
         """Score one row; with `explain`, add the explanation if it fits the time budget."""
+        started = time.perf_counter()
         row = dict(instance.__dict__)  # type: ignore[attr-defined]  # flat: no model_dump walk
-        decisions = await self._decide([row])
+        scored = await self._decide([row])
         if not explain:
-            return json_response(self._response(row, decisions))
+            return self._answer("predict", row, self._response(row, scored), started)
         try:
             explanation = await asyncio.wait_for(
-                self._explain(row, decisions, top_k), SETTINGS.explain_budget_ms / 1000
+                self._explain(row, scored[0], top_k), SETTINGS.explain_budget_ms / 1000
             )
         except TimeoutError:
-            return json_response(self._response(row, decisions, explanation_status="timeout"))
+            body = self._response(row, scored, explanation_status="timeout")
+            return self._answer("predict", row, body, started)
         except Exception:  # the prediction stands; the explanation is reported missing
             LOG.exception("explanation failed")
             explanation = None
         status = "ok" if explanation is not None else "unavailable"
-        return json_response(
-            self._response(row, decisions, explanation=explanation, explanation_status=status)
-        )
+        body = self._response(row, scored, explanation=explanation, explanation_status=status)
+        return self._answer("predict", row, body, started)
+
+    def _answer(
+        self, route: str, row: dict[str, Any], body: dict[str, Any], started: float
+    ) -> Response:
+        """The response, after its line in the prediction log."""
+        self.prediction_log.record(route, [row], [body["prediction"]], started)
+        return json_response(body)
 
     @bentoml.api(route=f"{API_PREFIX}/explain")
     async def explain(self, instance: Row, top_k: TopK = 5) -> PredictResponse:  # type: ignore[valid-type]
         """Score one row and explain the model's answer: per-feature contributions to its
         margin (TreeSHAP for XGBoost), top `top_k` first. 504 past the inference deadline, 503
         when the model cannot answer this row."""
+        started = time.perf_counter()
         row = dict(instance.__dict__)  # type: ignore[attr-defined]
-        decisions = await self._decide([row])
+        scored = await self._decide([row])
         try:
             explanation = await asyncio.wait_for(
-                self._explain(row, decisions, top_k), SETTINGS.inference_deadline_ms / 1000
+                self._explain(row, scored[0], top_k), SETTINGS.inference_deadline_ms / 1000
             )
         except TimeoutError:
             return error_response(InferenceTimeout("the explanation did not finish in time"))
         if explanation is None:
-            reason = decisions.reasons[0]
+            reason = scored[0].reasons[0]
             return error_response(InferenceFailed(f"the model could not answer ({reason})"))
-        return json_response(
-            self._response(row, decisions, explanation=explanation, explanation_status="ok")
-        )
+        body = self._response(row, scored, explanation=explanation, explanation_status="ok")
+        return self._answer("explain", row, body, started)
 
     @bentoml.api(route=f"{API_PREFIX}/predict_batch")
     async def predict_batch(self, instances: BatchRows) -> PredictBatchResponse:  # type: ignore[valid-type]
@@ -359,8 +382,11 @@ class Scoring:
             )
         return json_response(await self._score_instances(instances))
 
-    async def _score_instances(self, instances: list[Any]) -> dict[str, Any]:
+    async def _score_instances(
+        self, instances: list[Any], route: str = "predict_batch"
+    ) -> dict[str, Any]:
         """predict_batch's response body: each row validated on its own, valid rows scored."""
+        started = time.perf_counter()
         errors: list[RowError] = []
         valid: list[tuple[int, dict[str, Any]]] = []
         for index, raw in enumerate(instances):
@@ -375,16 +401,19 @@ class Scoring:
                     RowError(index=index, code="invalid_input", message=message, details=details)
                 )
         answers: list[Any] = [None] * len(instances)
+        model = self.model_ref
         if valid:
             rows = [row for _, row in valid]
-            for (index, _), answer in zip(
-                valid, predictions(USE_CASE, rows, await self._decide(rows)), strict=True
-            ):
+            decisions, routing = await self._decide(rows)
+            model = routing.champion.ref
+            answered = predictions(USE_CASE, rows, decisions)
+            for (index, _), answer in zip(valid, answered, strict=True):
                 answers[index] = answer
+            self.prediction_log.record(route, rows, answered, started)
         return {
             "predictions": answers,
             "errors": errors,
-            "model": self.model_ref,
+            "model": model,
             "contract_version": USE_CASE.contract_version,
         }
 
@@ -430,8 +459,57 @@ class Scoring:
 
     @info_app.get("/model", response_model=ModelInfo)
     def model_info(self) -> ModelInfo:
-        """What is serving: use case, models, registry versions and aliases, run ids, metrics."""
-        return self.info
+        """What is serving now: use case, the champion and challenger with registry versions,
+        aliases, run ids and metrics, and how traffic is shared."""
+        routing = self.scorer.routing
+        champion = routing.champion
+        return ModelInfo(
+            use_case=USE_CASE.name,
+            task=USE_CASE.task,
+            classes=list(USE_CASE.target.classes),
+            decision_threshold=USE_CASE.decision_threshold,
+            contract_version=USE_CASE.contract_version,
+            serving=champion.ref,
+            routing=RoutingInfo(**routing.public()),
+            models={
+                "preprocessor": stored(champion.preprocessor),
+                SETTINGS.model_flavor: stored(champion.model),
+            },
+        )
+
+    @info_app.get("/drift", response_model=DriftReport)
+    def drift(self) -> Response:
+        """PSI of the recent rows the champion answered against its training reference, per
+        feature and for the score, and a status against the configured thresholds."""
+        return JSONResponse(self.scorer.drift_report())
+
+    # ---- admin: swap versions without a restart (bearer token; off without one) -------------
+    @info_app.get("/admin/routing", response_model=RoutingInfo)
+    def get_routing(self, authorization: Annotated[str | None, Header()] = None) -> Response:
+        """The routing this worker serves."""
+        if (refused := admin_refusal(authorization)) is not None:
+            return refused
+        return JSONResponse(RoutingInfo(**self.scorer.routing.public()).model_dump(mode="json"))
+
+    @info_app.put("/admin/routing", response_model=RoutingChange)
+    async def set_routing(
+        self, change: RoutingSpec, authorization: Annotated[str | None, Header()] = None
+    ) -> Response:
+        """Serve other imported versions (e.g. roll back to the previous champion): the models
+        are loaded, verified and warmed before an atomic swap; requests in flight finish with
+        the versions they started with. Other API workers follow within `routing_poll_s`."""
+        if (refused := admin_refusal(authorization)) is not None:
+            return refused
+        try:
+            routing, seconds = await self.scorer.swap(change.model_dump())
+        except RoutingError as exc:
+            return error_response(NotFound(str(exc)))
+        except Exception as exc:  # the new versions failed to load or warm: keep the old ones
+            LOG.exception("swap refused")
+            return error_response(InferenceFailed(f"swap refused, still serving: {exc}"))
+        await asyncio.to_thread(self.routing_table.write, routing.spec())
+        body = {**RoutingInfo(**routing.public()).model_dump(mode="json"), "swap_s": seconds}
+        return JSONResponse(body)
 
 
 cast(Any, Scoring).add_asgi_middleware(OpenAPIErrors, path="/docs.json", errors=ROUTE_ERRORS)

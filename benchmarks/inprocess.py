@@ -31,14 +31,20 @@ def rows_per_second(n_rows: int = 20_480, passes: int = 5) -> dict[str, float]:
     ]
     preprocessor, model = Preprocessor.inner(), XGBoostRunner.inner()
     transformer = skops.io.load(verified_file(preprocessor.model), trusted=SKOPS_TRUSTED_TYPES)
+    booster = model.boosters[model.model.info.labels["registered_version"]]
+    # the runners' inputs carry the registry version of each row in column 0
+    preprocessor_version = np.full((BATCH_ROWS, 1), preprocessor.version, dtype=object)
+    model_version = np.full((BATCH_ROWS, 1), float(model.model.info.labels["registered_version"]))
 
     def sklearn_path(start: int) -> None:
         chunk = use_case.frame(frame.iloc[start : start + BATCH_ROWS])
-        model.booster.inplace_predict(transformer.transform(chunk))
+        booster.inplace_predict(transformer.transform(chunk))
 
     def runner_path(start: int) -> None:
         matrix = use_case.matrix(records[start : start + BATCH_ROWS])
-        asyncio.run(model.predict_proba(asyncio.run(preprocessor.transform(matrix))))
+        raw = np.hstack([preprocessor_version[: len(matrix)], matrix])
+        features = asyncio.run(preprocessor.transform(raw))
+        asyncio.run(model.predict_proba(np.hstack([model_version[: len(features)], features])))
 
     results = {}
     for name, step in (("sklearn", sklearn_path), ("runners", runner_path)):

@@ -60,6 +60,20 @@ class StoredModel(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="Held-out metrics.")
 
 
+class RoutingInfo(BaseModel):
+    """Which versions answer, and how traffic is shared between them."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    champion: ModelRef
+    challenger: ModelRef | None = None
+    mode: Literal["off", "split", "shadow"] = Field(
+        description="split: `share` of request keys get the challenger's answer (sticky); "
+        "shadow: the challenger scores every row too, measured, never returned."
+    )
+    share: float
+
+
 class ModelInfo(BaseModel):
     """What is serving."""
 
@@ -70,8 +84,9 @@ class ModelInfo(BaseModel):
     classes: list[str]
     decision_threshold: float
     contract_version: int
-    serving: ModelRef
-    models: dict[str, StoredModel] = Field(description="Loaded models by component.")
+    serving: ModelRef = Field(description="The champion.")
+    routing: RoutingInfo
+    models: dict[str, StoredModel] = Field(description="The champion's models by component.")
 
 
 class Contribution(BaseModel):
@@ -128,6 +143,7 @@ class Contract:
         classes = use_case.target.classes
         label_type: Any = Literal[classes]  # type: ignore[valid-type]
         source_type: Any = Literal["model", "fallback"]
+        arm_type: Any = Literal["champion", "challenger"]
         reason_type: Any = FallbackReason | None
         explanation_status_type: Any = Literal["ok", "timeout", "unavailable"] | None
         self.Prediction: type[BaseModel] = create_model(
@@ -166,6 +182,8 @@ class Contract:
                 reason_type,
                 Field(description="Why the answer is a fallback; null for a model answer."),
             ),
+            arm=(arm_type, Field(description="Which arm answered: champion or challenger.")),
+            model_version=(str, Field(description="Registry version of the model that answered.")),
         )
         self.PredictResponse: type[BaseModel] = create_model(
             f"{title}PredictResponse",

@@ -14,6 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 LOG = logging.getLogger(__name__)
 CODES = {
     400: "invalid_input",
+    401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     409: "conflict",
     405: "method_not_allowed",
@@ -45,6 +47,14 @@ class ScoringError(Exception):
 
 class PayloadTooLarge(ScoringError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class Unauthorized(ScoringError):
+    status = HTTPStatus.UNAUTHORIZED
+
+
+class Forbidden(ScoringError):
+    status = HTTPStatus.FORBIDDEN
 
 
 class NotFound(ScoringError):

@@ -16,7 +16,9 @@ from configuration.errors import CODES
 SCHEMA_REF = "#/components/schemas/{model}"
 WHEN = {
     400: "Invalid input: malformed JSON or a field outside the contract (`details` per field).",
-    404: "No such resource.",
+    401: "No bearer token.",
+    403: "A wrong bearer token.",
+    404: "No such resource (admin routes: also when no admin token is configured).",
     409: "The resource is not in a state that allows this (e.g. a task not finished).",
     413: "The body or the number of rows is over the limit.",
     429: "The service is at its concurrency limit: retry later.",

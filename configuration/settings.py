@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt
+from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +26,50 @@ class Settings(BaseSettings):
     )
     model_alias: str = Field(
         "champion", description="Registry alias imported into the BentoML store and served."
+    )
+    challenger_alias: str = Field(
+        "challenger", description="Alias of the challenger, served beside the champion if imported."
+    )
+    challenger_mode: Literal["off", "split", "shadow"] = Field(
+        "shadow",
+        description="split: a share of keys get the challenger's answer; shadow: every row is "
+        "also scored by the challenger, which is measured and never returned.",
+    )
+    challenger_share: float = Field(
+        0.1, ge=0, le=1, description="Share of request keys routed to the challenger in split."
+    )
+    packed_versions: PositiveInt = Field(
+        3, description="Newest imports of the serving model packed into a Bento (rollbacks)."
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token of the /v1/admin routes; without one they are disabled."
+    )
+    monitoring: bool = Field(
+        True,
+        description="Per-row metrics (predictions per class, scores, confidence, per arm) and "
+        "drift; fallbacks are counted either way.",
+    )
+    prediction_log_sample: float = Field(
+        1.0, ge=0, le=1, description="Share of requests written to the prediction log (0: off)."
+    )
+    prediction_log_path: Path | None = Field(
+        None, description="File of the prediction log (JSON lines); stdout when unset."
+    )
+    prediction_log_pii: Literal["drop", "hash"] = Field(
+        "drop", description="Personal data (pii fields) in the log: dropped, or a keyed hash."
+    )
+    prediction_log_hash_key: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key of prediction_log_pii=hash (keep it secret)."
+    )
+    drift_window_rows: PositiveInt = Field(
+        5000, description="Recent rows (champion model answers) drift is computed over."
+    )
+    drift_min_rows: PositiveInt = Field(500, description="Fewer rows: status insufficient_data.")
+    drift_psi_warning: PositiveFloat = Field(0.1, description="PSI from which status is warning.")
+    drift_psi_alert: PositiveFloat = Field(0.25, description="PSI from which status is drift.")
+    drift_update_s: PositiveFloat = Field(10.0, description="How often the drift gauges update.")
+    routing_poll_s: PositiveFloat = Field(
+        1.0, description="How often each API worker reads the routing an admin call stored."
     )
 
     # --- batching (adaptive, per runner service) --------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 
 from configuration import UseCase
 from configuration.policy import NO_LABEL, Decisions
+from runners.routing import ARM
 
 
 def predictions(
@@ -29,6 +30,8 @@ def predictions(
             "confidence": None if confidence != confidence else confidence,  # NaN: no answer
             "source": "model" if reason is None else "fallback",
             "fallback_reason": reason,
+            "arm": row[ARM].name,
+            "model_version": row[ARM].model_version,
         }
         for row, label, p, known, score, confidence, reason in zip(
             rows,

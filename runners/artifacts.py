@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import bentoml
 
 from configuration import Settings, registered_name
+
+T = TypeVar("T")
 
 # skops loads only the types listed here beyond scikit-learn's own defaults.
 SKOPS_TRUSTED_TYPES = ["numpy.dtype"]
@@ -41,3 +44,64 @@ def verified_file(model: bentoml.Model, key: str = "file") -> Path:
             "refusing to load it"
         )
     return path
+
+
+class ModelNotFound(LookupError):
+    """No imported model has the requested registry version."""
+
+
+def imports(settings: Settings, component: str) -> list[bentoml.Model]:
+    """Every import of <use-case>-<component> in the model store, newest first."""
+    try:
+        found = bentoml.models.list(registered_name(settings.use_case, component))
+    except bentoml.exceptions.NotFound:
+        return []
+    return sorted(found, key=lambda m: m.info.creation_time, reverse=True)
+
+
+def find_version(settings: Settings, component: str, version: str) -> bentoml.Model:
+    """The newest import of <use-case>-<component> with this MLflow registry version."""
+    for model in imports(settings, component):
+        if model.info.labels.get("registered_version") == str(version):
+            return model
+    name = registered_name(settings.use_case, component)
+    raise ModelNotFound(f"no import of {name} version {version} in the model store")
+
+
+def pin_versions(settings: Settings, component: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator (below `@bentoml.service`): the newest `settings.packed_versions`
+    imports of the serving flavor (for the preprocessor: the preprocessors they were trained
+    with) become class-level BentoModels, so that `bentoml build` packs them into the Bento
+    and a rollback to any of them needs no rebuild."""
+
+    def pin(cls: type[T]) -> type[T]:
+        models = imports(settings, settings.model_flavor)[: settings.packed_versions]
+        if component == "preprocessor":
+            tags = {str(m.info.metadata["preprocessor_tag"]) for m in models}
+        else:
+            tags = {str(m.tag) for m in models}
+        for index, tag in enumerate(sorted(tags)):
+            setattr(cls, f"packed_model_{index}", bentoml.models.BentoModel(tag))
+        return cls
+
+    return pin
+
+
+class Versions(Generic[T]):
+    """The versions of one registered model a runner worker has loaded, by registry version;
+    a version is loaded (and its files verified) the first time it is asked for."""
+
+    def __init__(self, settings: Settings, component: str, load: Callable[[bentoml.Model], T]):
+        self.settings = settings
+        self.component = component
+        self.load = load
+        self.loaded: dict[str, T] = {}
+        self.tags: dict[str, str] = {}
+
+    def __getitem__(self, version: str) -> T:
+        version = str(version)
+        if version not in self.loaded:
+            model = find_version(self.settings, self.component, version)
+            self.loaded[version] = self.load(model)
+            self.tags[version] = str(model.tag)
+        return self.loaded[version]

@@ -56,3 +56,26 @@ def isolate_failures(
         except Exception:
             LOG.exception("row %d of a batch failed", i)
     return out
+
+
+def version_of(value: Any) -> str:
+    """A registry version as the version column carries it (2, 2.0 or "2") -> "2"."""
+    return str(int(float(value)))
+
+
+def by_version(batch: np.ndarray, compute: Callable[[str, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Column 0 of `batch` names the registry version each row is for: `compute(version, rows)`
+    (column 0 dropped) per version present, results back in the batch's order. Rows for several
+    versions share a batch, so a swap or a challenger never waits for a batch of its own."""
+    versions = batch[:, 0]
+    if len(batch) == 0 or (versions == versions[0]).all():
+        return compute(version_of(versions[0]), batch[:, 1:]) if len(batch) else batch[:, 1:]
+    out: np.ndarray | None = None
+    for version in dict.fromkeys(versions.tolist()):
+        mask = versions == version
+        result = compute(version_of(version), batch[mask, 1:])
+        if out is None:
+            out = np.full((len(batch), *result.shape[1:]), np.nan)
+        out[mask] = result
+    assert out is not None
+    return out

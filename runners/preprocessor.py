@@ -10,8 +10,8 @@ import bentoml
 import numpy as np
 
 from configuration import UseCase, current_use_case, get_settings
-from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
-from runners.batching import isolate_failures, service_options
+from runners.artifacts import SKOPS_TRUSTED_TYPES, Versions, model_tag, pin_versions, verified_file
+from runners.batching import by_version, isolate_failures, service_options
 from runners.encoder import Encoder
 from runners.metrics import batch_rows
 
@@ -44,9 +44,11 @@ def load_encoder(model: bentoml.Model, use_case: UseCase) -> Callable[[np.ndarra
         SETTINGS, SETTINGS.preprocess_workers, routes=["/transform"], access_log=False
     ),
 )
+@pin_versions(SETTINGS, "preprocessor")
 class Preprocessor:
-    """Raw values (n x model features, object, as `UseCase.matrix` lays them out) -> encoded
-    feature matrix (float64, n x d).
+    """(preprocessor registry version, raw values as `UseCase.matrix` lays them out) per row,
+    object -> encoded feature matrix (float64, n x d). Any imported version is loaded the first
+    time a row asks for it.
 
     Uses the compiled form of the fitted ColumnTransformer (numpy only) when the import stored
     one, which it does only after proving it identical to the transformer; otherwise the
@@ -57,7 +59,10 @@ class Preprocessor:
     def __init__(self) -> None:
         self.model = self.bento_model
         self.width = len(self.model.info.metadata["feature_names"])
-        self._encode = load_encoder(self.model, current_use_case())
+        use_case = current_use_case()
+        self.encoders = Versions(SETTINGS, "preprocessor", lambda m: load_encoder(m, use_case))
+        self.version = str(self.model.info.labels["registered_version"])
+        self.encoders[self.version]  # the default version, loaded before the first request
         self.compiled = "encoder" in self.model.info.metadata  # what load_encoder chose
         self.batch_rows = batch_rows().labels(runner="preprocessor")
         gc.freeze()  # what is loaded is permanent: keep it out of every future collection
@@ -73,3 +78,12 @@ class Preprocessor:
         # than BentoML's hand-off of a sync method to a thread and back.
         self.batch_rows.observe(len(rows))
         return isolate_failures(self._encode, rows, self.width)
+
+    def _encode(self, rows: np.ndarray) -> np.ndarray:
+        return by_version(rows, lambda version, raw: self.encoders[version](raw))
+
+    @bentoml.api
+    async def load(self, version: str) -> str:
+        """Load (and verify) a version before rows ask for it; its BentoML tag."""
+        self.encoders[version]
+        return str(self.encoders.tags[version])

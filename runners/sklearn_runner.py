@@ -10,8 +10,8 @@ import bentoml
 import numpy as np
 
 from configuration import get_settings
-from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
-from runners.batching import isolate_failures, service_options
+from runners.artifacts import SKOPS_TRUSTED_TYPES, Versions, model_tag, pin_versions, verified_file
+from runners.batching import by_version, isolate_failures, service_options
 from runners.metrics import batch_rows
 
 SETTINGS = get_settings()
@@ -48,14 +48,17 @@ def linear_contributions(estimator: Any, features: np.ndarray) -> np.ndarray:
         access_log=False,
     ),
 )
+@pin_versions(SETTINGS, "sklearn")
 class SklearnRunner:
-    """Encoded features (n x d) -> class probabilities (n x k)."""
+    """(model registry version, encoded features) per row (n x 1+d) -> class probabilities
+    (n x k). Any imported version is loaded the first time a row asks for it."""
 
     bento_model = bentoml.models.BentoModel(model_tag(SETTINGS, "sklearn"))
 
     def __init__(self) -> None:
         self.model = self.bento_model
-        self.estimator = load_estimator(self.model)
+        self.estimators = Versions(SETTINGS, "sklearn", load_estimator)
+        self.estimators[str(self.model.info.labels["registered_version"])]  # the default version
         self.n_classes = len(self.model.info.metadata["classes"])
         self.batch_rows = batch_rows().labels(runner="sklearn")
         gc.freeze()  # the loaded model is permanent: keep it out of every future collection
@@ -72,8 +75,13 @@ class SklearnRunner:
         self.batch_rows.observe(len(features))
         return isolate_failures(self._predict_proba, features, self.n_classes)
 
-    def _predict_proba(self, features: np.ndarray) -> np.ndarray:
-        return np.asarray(self.estimator.predict_proba(features), dtype=np.float64)
+    def _predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        return by_version(
+            batch,
+            lambda version, x: np.asarray(
+                self.estimators[version].predict_proba(x), dtype=np.float64
+            ),
+        )
 
     @bentoml.api(
         batchable=True,
@@ -82,5 +90,13 @@ class SklearnRunner:
         max_latency_ms=SETTINGS.model_max_latency_ms,
     )
     async def contributions(self, features: np.ndarray) -> np.ndarray:
-        """Encoded features (n x d) -> contributions to the margin (n x k' x d+1)."""
-        return linear_contributions(self.estimator, features)
+        """(version, encoded features) (n x 1+d) -> contributions to the margin (n x k' x d+1)."""
+        return by_version(
+            features, lambda version, x: linear_contributions(self.estimators[version], x)
+        )
+
+    @bentoml.api
+    async def load(self, version: str) -> str:
+        """Load (and verify) a version before rows ask for it; its BentoML tag."""
+        self.estimators[version]
+        return self.estimators.tags[version]

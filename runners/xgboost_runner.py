@@ -12,8 +12,8 @@ import bentoml
 import numpy as np
 
 from configuration import get_settings
-from runners.artifacts import model_tag, verified_file
-from runners.batching import isolate_failures, service_options
+from runners.artifacts import Versions, model_tag, pin_versions, verified_file
+from runners.batching import by_version, isolate_failures, service_options
 from runners.metrics import batch_rows
 
 SETTINGS = get_settings()
@@ -81,16 +81,19 @@ def explainer(booster: Any, threads: int) -> Callable[[np.ndarray], np.ndarray]:
         access_log=False,
     ),
 )
+@pin_versions(SETTINGS, "xgboost")
 class XGBoostRunner:
-    """Encoded features (n x d) -> class probabilities (n x k)."""
+    """(model registry version, encoded features) per row (n x 1+d) -> class probabilities
+    (n x k). Any imported version is loaded the first time a row asks for it."""
 
     bento_model = bentoml.models.BentoModel(model_tag(SETTINGS, "xgboost"))
 
     def __init__(self) -> None:
         self.model = self.bento_model
-        booster = load_booster(self.model, SETTINGS.model_threads)
-        self._predict = predictor(booster)
-        self._contributions = explainer(booster, SETTINGS.model_threads)
+        self.boosters = Versions(
+            SETTINGS, "xgboost", lambda model: load_booster(model, SETTINGS.model_threads)
+        )
+        self.boosters[str(self.model.info.labels["registered_version"])]  # the default version
         self.n_classes = len(self.model.info.metadata["classes"])
         self.batch_rows = batch_rows().labels(runner="xgboost")
         gc.freeze()  # the loaded model is permanent: keep it out of every future collection
@@ -107,6 +110,9 @@ class XGBoostRunner:
         self.batch_rows.observe(len(features))
         return isolate_failures(self._predict, features, self.n_classes)
 
+    def _predict(self, batch: np.ndarray) -> np.ndarray:
+        return by_version(batch, lambda version, x: predictor(self.boosters[version])(x))
+
     @bentoml.api(
         batchable=True,
         batch_dim=0,
@@ -114,5 +120,14 @@ class XGBoostRunner:
         max_latency_ms=SETTINGS.model_max_latency_ms,
     )
     async def contributions(self, features: np.ndarray) -> np.ndarray:
-        """Encoded features (n x d) -> contributions to the margin (n x k' x d+1)."""
-        return self._contributions(features)
+        """(version, encoded features) (n x 1+d) -> contributions to the margin (n x k' x d+1)."""
+        return by_version(
+            features,
+            lambda version, x: explainer(self.boosters[version], SETTINGS.model_threads)(x),
+        )
+
+    @bentoml.api
+    async def load(self, version: str) -> str:
+        """Load (and verify) a version before rows ask for it; its BentoML tag."""
+        self.boosters[version]
+        return self.boosters.tags[version]

@@ -58,6 +58,29 @@ def api_client(demo_models):
 
 
 @pytest.fixture(scope="session")
+def local_scorer(demo_models):
+    """The API's Scorer over in-process runner instances (no HTTP, no batching)."""
+    from configuration import current_use_case, get_settings
+    from runners.artifacts import served_model
+    from runners.preprocessor import Preprocessor
+    from runners.routing import initial_routing
+    from runners.scorer import Runners, Scorer
+    from runners.xgboost_runner import XGBoostRunner
+
+    preprocessor, model = Preprocessor.inner(), XGBoostRunner.inner()
+    runners = Runners(
+        transform=preprocessor.transform,
+        predict_proba=model.predict_proba,
+        contributions=model.contributions,
+        load_preprocessor=preprocessor.load,
+        load_model=model.load,
+    )
+    settings = get_settings()
+    routing = initial_routing(settings, served_model(XGBoostRunner))
+    return Scorer(settings, current_use_case(), runners, routing)
+
+
+@pytest.fixture(scope="session")
 def churn():
     from configuration import current_use_case
 

@@ -36,7 +36,7 @@ def assert_error(response, status: int, code: str, mentions: str = "") -> dict:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error", "contract_version"}
-    assert body["contract_version"] == 1
+    assert body["contract_version"] == 2
     assert set(body["error"]) == {"code", "message", "details"}
     assert body["error"]["code"] == code
     assert mentions in body["error"]["message"]
@@ -66,7 +66,7 @@ class TestPredict:
             "flavor": "xgboost",
             "bento_tag": str(demo_models["xgboost"].tag),
         }
-        assert body["contract_version"] == 1
+        assert body["contract_version"] == 2
         contract_for(churn).PredictResponse.model_validate(body)
 
     def test_probabilities_equal_the_model_on_the_encoded_row(self, client, row, churn):
@@ -233,7 +233,9 @@ def test_a_row_the_runner_cannot_encode_fails_alone(demo_models, churn):
 
     preprocessor = Preprocessor.inner()
     good = dict(churn.examples[0])
-    rows = churn.matrix([good, {**good, "age": "not a number"}, good])
+    raw = churn.matrix([good, {**good, "age": "not a number"}, good])
+    version = demo_models["preprocessor"].info.labels["registered_version"]
+    rows = np.column_stack([np.full(3, version, dtype=object), raw])  # column 0: the version
     features = asyncio.run(preprocessor.transform(rows))
     assert not np.isnan(features[0]).any() and not np.isnan(features[2]).any()
     assert np.isnan(features[1]).all()

@@ -40,13 +40,13 @@ def test_a_changed_contract_without_a_version_bump_fails_the_check(tmp_path):
         {"name": "referrals", "type": "numeric", "min": 0, "max": 50, "description": "Referrals."}
     )
     (tmp_path / "churn.yaml").write_text(yaml.safe_dump(raw))
-    changed = differences(json.loads(path_for("churn", 1).read_text()), current("churn", tmp_path))
+    changed = differences(json.loads(path_for("churn", 2).read_text()), current("churn", tmp_path))
     assert "/schemas/ChurnRow/properties/referrals: added" in changed
     for args in ([], ["--write"]):
         result = contracts_command(tmp_path, *args)
         assert result.returncode == 1, result.stdout + result.stderr
         assert "Bump contract_version in churn.yaml" in result.stderr
-    assert json.loads(path_for("churn", 1).read_text())["contract_version"] == 1
+    assert json.loads(path_for("churn", 2).read_text())["contract_version"] == 2
 
 
 def contracts_command(use_case_dir, *args: str, contracts_dir=None):
@@ -85,7 +85,7 @@ class TestServedOpenAPI:
     def test_the_served_document_is_the_committed_contract(self, api_client, churn):
         spec = api_client.get("/docs.json").json()
         served = snapshot_of(spec, API_PREFIX, churn.name, churn.contract_version)
-        assert not differences(json.loads(path_for("churn", 1).read_text()), served)
+        assert not differences(json.loads(path_for("churn", 2).read_text()), served)
 
     @pytest.mark.parametrize(
         ("path", "method", "statuses"),

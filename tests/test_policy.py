@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from configuration import UseCaseError
 from configuration.policy import decide
 from configuration.use_case import FallbackSpec
 from runners.coalescing import Coalescer
+from runners.scorer import Scorer
 from training.data import generate_churn
 
 PREDICT, BATCH, EXPLAIN = "/v1/predict", "/v1/predict_batch", "/v1/explain"
@@ -38,7 +40,12 @@ def fallback_count(reason: str) -> float:
     /metrics; the end-to-end tests read it from a real server)."""
     from prometheus_client import REGISTRY
 
-    return REGISTRY.get_sample_value("scoring_fallbacks_total", {"reason": reason}) or 0.0
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == "scoring_fallbacks_total" and sample.labels.get("reason") == reason
+    )
 
 
 def rule_label(churn, row: dict) -> str:
@@ -104,8 +111,7 @@ class TestPolicy:
         assert fallback_count(reason) == before + 11
 
     def test_a_missed_deadline_is_answered_at_the_deadline(self, client, rows, monkeypatch):
-        fast = service.SETTINGS.model_copy(update={"inference_deadline_ms": 100})
-        monkeypatch.setattr(service, "SETTINGS", fast)
+        monkeypatch.setattr(Scorer, "deadline_s", property(lambda self: 0.1))
         failing_coalescer(monkeypatch, delay=5)
         response = client.post(PREDICT, json={"instance": rows[0]})
         assert response.json()["prediction"]["fallback_reason"] == "timeout"
@@ -231,7 +237,7 @@ class TestExplain:
         async def slow(self, *args):
             await asyncio.sleep(5)
 
-        monkeypatch.setattr(service.Scoring.inner, "_explain", slow)
+        monkeypatch.setattr(Scorer, "explain", slow)
         tight = service.SETTINGS.model_copy(update={"explain_budget_ms": 50})
         monkeypatch.setattr(service, "SETTINGS", tight)
         response = client.post(PREDICT, json={"instance": rows[0], "explain": True})
@@ -260,30 +266,42 @@ class TestExplain:
 
 
 class TestReadiness:
-    def test_ready_only_after_the_warm_up_prediction_passed(self, client):
-        assert client.get("/readyz").status_code == 200
+    def unready(self, warm_result):
+        """A Scoring instance whose scorer's warm-up answers `warm_result`."""
+
+        async def warm(routing):
+            return warm_result
+
         instance = service.Scoring.inner.__new__(service.Scoring.inner)
         instance.ready = False
-        assert instance.__is_ready__() is False
+        instance.scorer = SimpleNamespace(warm=warm, routing=None)
+        return instance
 
-    def test_a_warm_up_that_never_passes_keeps_the_service_unready(self, client, monkeypatch):
-        failing_coalescer(monkeypatch, RuntimeError("model broken"))
+    def test_ready_only_after_the_warm_up_prediction_passed(self, client):
+        assert client.get("/readyz").status_code == 200
+        assert self.unready(None).__is_ready__() is False
+
+    def test_a_warm_up_that_never_passes_keeps_the_service_unready(self, monkeypatch):
         monkeypatch.setattr(
             service, "SETTINGS", service.SETTINGS.model_copy(update={"warmup_timeout_s": 1.0})
         )
-        instance = service.Scoring.inner.__new__(service.Scoring.inner)
-        instance.ready = False
-        instance._coalesce = Coalescer(None, 10, 1)  # type: ignore[arg-type]
+        instance = self.unready("model broken")
         asyncio.run(instance._warm_up())
         assert instance.ready is False
 
-    def test_a_warm_up_passes_once_the_model_answers(self, client, monkeypatch):
-        failing_coalescer(monkeypatch)  # answers 0.5 / 0.5: finite
-        instance = service.Scoring.inner.__new__(service.Scoring.inner)
-        instance.ready = False
-        instance._coalesce = Coalescer(None, 10, 1)  # type: ignore[arg-type]
+    def test_a_warm_up_passes_once_the_model_answers(self):
+        instance = self.unready(None)
         asyncio.run(instance._warm_up())
         assert instance.ready is True
+
+    @pytest.mark.parametrize(("exception", "passes"), [(None, True), (RuntimeError("x"), False)])
+    def test_the_warm_up_scores_the_examples_through_the_runners(
+        self, local_scorer, monkeypatch, exception, passes
+    ):
+        if exception is not None:
+            failing_coalescer(monkeypatch, exception)
+        problem = asyncio.run(local_scorer.warm(local_scorer.routing))
+        assert (problem is None) is passes
 
 
 def test_unknown_encoded_columns_are_refused(churn):

@@ -225,14 +225,22 @@ class TestParity:
 
         trained_preprocessor = mlflow.sklearn.load_model("models:/churn-preprocessor@candidate")
         expected_features = trained_preprocessor.transform(churn.frame(raw))
-        served_features = asyncio.run(Preprocessor.inner().transform(churn.matrix(rows)))
+        preprocessor = Preprocessor.inner()
+        # the runners' inputs carry each row's registry version in column 0
+        version = np.full((len(rows), 1), preprocessor.version, dtype=object)
+        served_features = asyncio.run(
+            preprocessor.transform(np.hstack([version, churn.matrix(rows)]))
+        )
         np.testing.assert_array_equal(served_features, expected_features)
 
         for flavor, runner in (("xgboost", XGBoostRunner), ("sklearn", SklearnRunner)):
             loader = mlflow.xgboost if flavor == "xgboost" else mlflow.sklearn
             trained = loader.load_model(f"models:/churn-{flavor}@champion")
             expected = trained.predict_proba(expected_features)
-            served = asyncio.run(runner.inner().predict_proba(served_features))
+            served_by = runner.inner()
+            model_version = float(served_by.model.info.labels["registered_version"])
+            model_input = np.column_stack([np.full(len(rows), model_version), served_features])
+            served = asyncio.run(served_by.predict_proba(model_input))
             np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
 
     def test_a_tampered_model_file_is_refused(self, demo_models, tmp_path):

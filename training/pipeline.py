@@ -17,6 +17,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from configuration import Settings, UseCase
+from configuration.drift import reference_statistics
 
 FLAVORS = ("xgboost", "sklearn")
 
@@ -83,6 +84,7 @@ class TrainedModels:
     metrics: dict[str, dict[str, float]]
     feature_names: list[str]
     params: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)  # drift reference statistics
 
 
 def fit(use_case: UseCase, frame: pd.DataFrame, settings: Settings) -> TrainedModels:
@@ -109,9 +111,13 @@ def fit(use_case: UseCase, frame: pd.DataFrame, settings: Settings) -> TrainedMo
             features_train, y_train
         ),
     }
-    metrics = {
-        flavor: evaluate(use_case, y_test, np.asarray(model.predict_proba(features_test)))
-        for flavor, model in models.items()
+    probabilities = {
+        flavor: np.asarray(model.predict_proba(features_test)) for flavor, model in models.items()
+    }
+    metrics = {flavor: evaluate(use_case, y_test, p) for flavor, p in probabilities.items()}
+    scores = {
+        flavor: p[:, 1] if use_case.task == "binary" else p.max(axis=1)
+        for flavor, p in probabilities.items()
     }
     params = {
         "use_case": use_case.name,
@@ -129,4 +135,5 @@ def fit(use_case: UseCase, frame: pd.DataFrame, settings: Settings) -> TrainedMo
         metrics=metrics,
         feature_names=[str(n) for n in preprocessor.get_feature_names_out()],
         params=params,
+        reference=reference_statistics(use_case, x_train, scores),
     )

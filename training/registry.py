@@ -28,6 +28,9 @@ class GateError(RuntimeError):
     """A model version failed a metric gate and was not promoted."""
 
 
+REFERENCE_ARTIFACT = "reference/reference.json"  # drift reference statistics of the run
+
+
 def configure(settings: Settings, use_case: UseCase) -> str:
     """Point MLflow at the configured tracking URI and return the experiment id."""
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
@@ -93,6 +96,7 @@ def log_and_register(
             for flavor, metrics in trained.metrics.items():
                 mlflow.log_metrics({f"{flavor}.{name}": value for name, value in metrics.items()})
             mlflow.log_artifact(str(use_case_path), artifact_path="use_case")
+            mlflow.log_dict(trained.reference, REFERENCE_ARTIFACT)
             infos = {
                 PREPROCESSOR: mlflow.sklearn.log_model(
                     trained.preprocessor,

@@ -27,7 +27,13 @@ from configuration import Settings, UseCase, UseCaseError
 from runners.artifacts import SKOPS_TRUSTED_TYPES
 from training.encoder_compiler import NotCompilable, check_parity, compile_encoder
 from training.pipeline import FLAVORS
-from training.registry import PREPROCESSOR, VERSION_TAG_PREPROCESSOR, download, resolve
+from training.registry import (
+    PREPROCESSOR,
+    REFERENCE_ARTIFACT,
+    VERSION_TAG_PREPROCESSOR,
+    download,
+    resolve,
+)
 
 LOG = logging.getLogger(__name__)
 MODEL_FILES = {"xgboost": "model.ubj", "sklearn": "model.skops", PREPROCESSOR: "model.skops"}
@@ -185,6 +191,9 @@ def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str,
                 for key, value in run.data.metrics.items()
                 if key.startswith(f"{flavor}.")
             }
+            reference = mlflow.artifacts.download_artifacts(
+                run_id=version.run_id, artifact_path=REFERENCE_ARTIFACT, dst_path=scratch
+            )
             imported[flavor] = _save(
                 use_case,
                 flavor,
@@ -202,6 +211,7 @@ def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str,
                     "preprocessor_tag": str(pre.tag),
                     "preprocessor_sha256": pre.info.metadata["sha256"],
                 },
+                extra_files={"reference": ("reference.json", Path(reference).read_bytes())},
             )
             imported[PREPROCESSOR] = pre
             LOG.info("imported %s (with %s)", imported[flavor].tag, pre.tag)

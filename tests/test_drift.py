@@ -1,0 +1,88 @@
+"""Drift: reference statistics stored with the model at training, PSI over a sliding window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from configuration.drift import DriftWindow, numeric_reference, psi
+from training.data import generate_churn
+
+BATCH = "/v1/predict_batch"
+
+
+def customers(churn, n: int, seed: int) -> list[dict]:
+    frame = generate_churn(n, seed=seed).drop(columns=[churn.target.name])
+    records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    names = {f.name for f in churn.features}
+    return [{k: v for k, v in r.items() if k in names} for r in records]
+
+
+def feed(client, rows: list[dict]) -> None:
+    for start in range(0, len(rows), 1000):
+        response = client.post(BATCH, json={"instances": rows[start : start + 1000]})
+        assert response.status_code == 200 and response.json()["errors"] == []
+
+
+def test_the_reference_is_stored_with_the_model(demo_models, churn):
+    import json
+
+    from runners.artifacts import verified_file
+
+    reference = json.loads(verified_file(demo_models["xgboost"], "reference").read_text())
+    assert set(reference["features"]) == set(churn.model_feature_names)
+    tenure = reference["features"]["tenure_months"]
+    assert len(tenure["proportions"]) == len(tenure["edges"]) + 2  # + missing
+    assert sum(tenure["proportions"]) == pytest.approx(1.0)
+    region = reference["features"]["region"]
+    assert region["categories"] == ["north", "south", "east", "west", "central"]
+    assert region["proportions"][-1] > 0  # the demo data has missing regions
+    assert set(reference["scores"]) == {"xgboost", "sklearn"}
+
+
+def test_drift_stays_low_on_unshifted_rows_and_rises_on_shifted_ones(api_client, churn):
+    from prometheus_client import REGISTRY
+
+    feed(api_client, customers(churn, 5000, seed=11))  # a full window of the same population
+    steady = api_client.get("/v1/drift").json()
+    assert steady["status"] == "ok", steady
+    assert steady["window_rows"] == 5000
+    assert max(steady["features"].values()) < 0.1 and steady["score"] < 0.1
+
+    shifted = [
+        {**row, "tenure_months": 1.0, "contract_type": "month_to_month", "logins_30d": 0.0}
+        for row in customers(churn, 5000, seed=12)
+    ]
+    feed(api_client, shifted)
+    drifted = api_client.get("/v1/drift").json()
+    assert drifted["status"] == "drift"
+    for name in ("tenure_months", "contract_type", "logins_30d"):
+        assert drifted["features"][name] > 0.25 and name in drifted["drifting"]
+    assert drifted["features"]["age"] < 0.1  # untouched features stay put
+    assert drifted["score"] > 0.25  # these customers look far likelier to churn
+    gauge = REGISTRY.get_sample_value(
+        "scoring_drift_psi",
+        {"feature": "tenure_months", "model_version": drifted["model_version"]},
+    )
+    assert gauge == pytest.approx(drifted["features"]["tenure_months"])
+
+
+def test_the_window_forgets_what_slid_out(churn):
+    names = churn.model_feature_names
+    reference = {"features": {n: numeric_reference([0.0, 1.0] * 50) for n in names}}
+    window = DriftWindow(churn, reference, numeric_reference(np.linspace(0, 1, 100)), size=100)
+    width = len(names)
+    window.observe(np.full((100, width), 5.0, dtype=object), np.full(100, 0.99))
+    like_reference = np.tile(np.array([[0.0], [1.0]], dtype=object), (25, width))
+    assert window.values()["age"] > 1
+    for _ in range(4):  # 200 rows like the reference push the shifted ones out
+        window.observe(like_reference, np.linspace(0, 1, 50))
+    assert window.window_rows == 100
+    assert window.values()["age"] < 0.01
+    assert window.counts[0].sum() == 100  # counts stay consistent through evictions
+
+
+def test_psi_is_zero_for_the_same_distribution_and_grows_with_the_shift():
+    expected = [0.25, 0.25, 0.25, 0.25]
+    assert psi(expected, np.array([25, 25, 25, 25])) == pytest.approx(0.0)
+    assert 0 < psi(expected, np.array([30, 25, 25, 20])) < psi(expected, np.array([70, 10, 10, 10]))
