@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import random
 import sys
 import time
 from typing import Any
+
+from pydantic_core import to_json
 
 from configuration import Settings, UseCase
 from runners.routing import ARM
@@ -81,4 +82,4 @@ class PredictionLog:
                 for row, answer in zip(rows, answers, strict=True)
             ],
         }
-        self.logger.info(json.dumps(line, default=str))
+        self.logger.info(to_json(line, fallback=str).decode())

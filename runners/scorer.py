@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ class Scorer:
         self.monitoring = settings.monitoring
         self.drift = self._drift_window(routing)
         self.shadow_counts: dict[tuple[str, str], list[int]] = {}  # (agreed, compared)
+        self.histogram_children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     @property
     def deadline_s(self) -> float:
@@ -124,26 +126,44 @@ class Scorer:
         return decisions, routing
 
     def _observe(self, rows: list[dict[str, Any]], decisions: Decisions) -> None:
+        """Per-row metrics: counters summed per label set first, histogram children cached
+        (a `.labels()` lookup per row cost as much as the observation)."""
         classes = self.use_case.target.classes
-        scores = decisions.scores.tolist()
+        counted: Counter[tuple[str, ...]] = Counter()
+        fallen: Counter[tuple[str, ...]] = Counter()
         for row, label, reason, score, confidence in zip(
             rows,
             decisions.labels.tolist(),
             decisions.reasons.tolist(),
-            scores,
+            decisions.scores.tolist(),
             decisions.confidence.tolist(),
             strict=True,
         ):
             arm: Arm = row[ARM]
-            name = "none" if label < 0 else classes[label]
             source = "model" if reason is None else "fallback"
-            metrics.predictions().labels(arm.name, arm.model_version, name, source).inc()
+            counted[
+                arm.name, arm.model_version, "none" if label < 0 else classes[label], source
+            ] += 1
             if reason is not None:
-                metrics.fallbacks().labels(reason, arm.name, arm.model_version).inc()
+                fallen[reason, arm.name, arm.model_version] += 1
+            histograms = self._histograms(arm)
             if confidence == confidence:  # the model answered (NaN otherwise)
-                metrics.confidences().labels(arm.name, arm.model_version).observe(confidence)
+                histograms[1].observe(confidence)
             if reason is None:
-                metrics.scores().labels(arm.name, arm.model_version).observe(score)
+                histograms[0].observe(score)
+        for labels, count in counted.items():
+            metrics.predictions().labels(*labels).inc(count)
+        for labels, count in fallen.items():
+            metrics.fallbacks().labels(*labels).inc(count)
+
+    def _histograms(self, arm: Arm) -> tuple[Any, Any]:
+        key = (arm.name, arm.model_version)
+        if key not in self.histogram_children:
+            self.histogram_children[key] = (
+                metrics.scores().labels(*key),
+                metrics.confidences().labels(*key),
+            )
+        return self.histogram_children[key]
 
     def _compare(
         self,

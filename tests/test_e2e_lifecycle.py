@@ -140,7 +140,12 @@ def test_champion_challenger_split_and_shadow(two_versions, churn, tmp_path):
                 == {"champion": "1", "challenger": "2"}[prediction["arm"]]
             )
         metrics = httpx.get(f"{base}/metrics", timeout=30).text
-        assert metric_total(metrics, "scoring_predictions_total", arm="challenger") > 0
+        for arm, version in (("champion", "1"), ("challenger", "2")):
+            answered = arms.count(arm) * 2  # both requests
+            labels = {"arm": arm, "model_version": version}
+            assert metric_total(metrics, "scoring_predictions_total", **labels) == answered
+            assert metric_total(metrics, "scoring_score_count", **labels) > 0
+            assert metric_total(metrics, "scoring_confidence_count", **labels) == answered
 
         shadow = put_routing(base, champion="1", challenger="2", mode="shadow")
         assert shadow.status_code == 200
@@ -156,3 +161,36 @@ def test_champion_challenger_split_and_shadow(two_versions, churn, tmp_path):
             metrics, "scoring_shadow_agreement_rate", champion_version="1", challenger_version="2"
         )
         assert rate == pytest.approx(agreed / compared)
+
+
+def test_a_bento_packs_the_newest_versions_for_rollback(two_versions):
+    env = {**os.environ, **two_versions}
+    built = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    listed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import bentoml, sys; "
+            "print(' '.join(str(m.tag) for m in bentoml.bentos.get(sys.argv[1]).info.all_models))",
+            tag,
+        ],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    models = listed.stdout.split()
+    for name in ("churn-xgboost", "churn-preprocessor"):
+        versions = {t.split(":")[1].split("-")[0] for t in models if t.startswith(f"{name}:")}
+        assert versions == {"v1", "v2"}, models
