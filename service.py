@@ -478,7 +478,7 @@ class Scoring:
         )
 
     @info_app.get("/drift", response_model=DriftReport)
-    def drift(self) -> Response:
+    async def drift(self) -> Response:
         """PSI of the recent rows the champion answered against its training reference, per
         feature and for the score, and a status against the configured thresholds."""
         return JSONResponse(self.scorer.drift_report())

@@ -27,6 +27,7 @@ from runners.coalescing import Coalescer
 from runners.routing import ARM, Arm, Routing, routing_from_spec
 
 LOG = logging.getLogger(__name__)
+DRIFT_BATCH_ROWS = 256  # rows buffered before they are binned into the drift window
 NOT_READY_ERRORS = (ServiceUnavailable, httpx.TransportError, OSError)
 
 
@@ -56,8 +57,11 @@ class Scorer:
         self.examples = [dict(e) for e in use_case.examples]
         self.monitoring = settings.monitoring
         self.drift = self._drift_window(routing)
+        self.drift_pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.drift_pending_rows = 0
         self.shadow_counts: dict[tuple[str, str], list[int]] = {}  # (agreed, compared)
         self.histogram_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.metric_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     @property
     def deadline_s(self) -> float:
@@ -152,9 +156,15 @@ class Scorer:
             if reason is None:
                 histograms[0].observe(score)
         for labels, count in counted.items():
-            metrics.predictions().labels(*labels).inc(count)
+            self._child(metrics.predictions(), labels).inc(count)
         for labels, count in fallen.items():
-            metrics.fallbacks().labels(*labels).inc(count)
+            self._child(metrics.fallbacks(), labels).inc(count)
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        key = (metric, labels)
+        if key not in self.metric_children:
+            self.metric_children[key] = metric.labels(*labels)
+        return self.metric_children[key]
 
     def _histograms(self, arm: Arm) -> tuple[Any, Any]:
         key = (arm.name, arm.model_version)
@@ -235,6 +245,7 @@ class Scorer:
             raise RuntimeError(f"the new routing failed its warm-up: {problem}")
         if routing.champion != self.routing.champion:
             self.drift = self._drift_window(routing)
+            self.drift_pending, self.drift_pending_rows = [], 0
         self.routing = routing
         return routing, time.perf_counter() - started
 
@@ -259,7 +270,18 @@ class Scorer:
         mine = np.array([row[ARM] is routing.champion for row in rows]) & ~np.isnan(scores)
         if mine.any():
             chosen = [row for row, keep in zip(rows, mine.tolist(), strict=True) if keep]
-            self.drift.observe(self.use_case.matrix(chosen), scores[mine])
+            self.drift_pending.append((self.use_case.matrix(chosen), scores[mine]))
+            self.drift_pending_rows += len(chosen)
+            if self.drift_pending_rows >= DRIFT_BATCH_ROWS:
+                self._flush_drift()
+
+    def _flush_drift(self) -> None:
+        """Bin the pending rows in one go: numpy per request and feature cost more than the
+        binning itself."""
+        if self.drift is not None and self.drift_pending:
+            matrices, scores = zip(*self.drift_pending, strict=True)
+            self.drift.observe(np.vstack(matrices), np.concatenate(scores))
+        self.drift_pending, self.drift_pending_rows = [], 0
 
     def drift_report(self) -> dict[str, Any]:
         """/v1/drift: PSI per feature and for the score, and a status against the thresholds;
@@ -279,6 +301,7 @@ class Scorer:
         }
         if self.drift is None:
             return {**base, "status": "unavailable"}
+        self._flush_drift()
         values = self.drift.values()
         for name, value in values.items():
             metrics.drift_psi().labels(name, champion.model_version).set(value)
