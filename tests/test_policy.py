@@ -386,3 +386,25 @@ class TestLimits:
         with TestClient(limited) as client:
             assert client.post("/v1/slow", content=b"1" * 2000).status_code == 200
             assert client.post("/v1/slow", content=b"1" * 6000).status_code == 413
+
+
+def test_rules_on_columns_match_rules_row_by_row(churn, rows):
+    """The batch job's column-wise rules give the labels the service's row-wise rules give,
+    missing values and every rule included."""
+    import pandas as pd
+
+    from configuration.policy import _rule_label, rule_labels
+
+    variants = []
+    for i, row in enumerate(rows):
+        variant = dict(row)
+        if i % 3 == 0:
+            variant["contract_type"] = "month_to_month"
+        if i % 5 == 0:
+            variant["support_tickets_90d"] = 3.0
+        if i % 7 == 0:
+            variant["late_payments_12m"] = None
+        variants.append(variant)
+    expected = [_rule_label(churn, row) for row in variants]
+    assert set(expected) == {0, 1}
+    assert rule_labels(churn, pd.DataFrame(variants)).tolist() == expected
