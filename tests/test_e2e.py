@@ -141,3 +141,41 @@ def test_training_against_a_remote_mlflow_server(mlflow_server, tmp_path):
     text = stored[0].read_text()
     assert f"run_id: {champion.run_id}" in text
     assert f"tracking_uri: {mlflow_server}" in text
+
+
+def test_the_grafana_dashboard_queries_metrics_the_service_exports(server, churn):
+    """Every metric a panel of deploy/grafana-dashboard.json queries is one the service
+    exports: BentoML's as seen on a real /metrics, ours as runners/metrics.py defines them."""
+    import json
+    import re
+
+    from runners import metrics
+
+    httpx.post(f"{server}/v1/predict", json={"instance": dict(churn.examples[0])}, timeout=30)
+    exported = {
+        family.name
+        for family in text_string_to_metric_families(httpx.get(f"{server}/metrics").text)
+    }
+    ours = {
+        factory()._name
+        for factory in (
+            metrics.batch_rows,
+            metrics.fallbacks,
+            metrics.predictions,
+            metrics.scores,
+            metrics.confidences,
+            metrics.shadow_rows,
+            metrics.shadow_agreement,
+            metrics.drift_psi,
+        )
+    }
+    dashboard = json.loads((PROJECT / "deploy" / "grafana-dashboard.json").read_text())
+    queried = {
+        re.sub(r"_(bucket|sum|count|total)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b((?:bentoml|scoring)_[a-z_]+)\b", target["expr"])
+    }
+    assert len(dashboard["panels"]) >= 10
+    for name in queried:
+        assert name in (exported if name.startswith("bentoml") else ours), name
