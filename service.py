@@ -3,24 +3,27 @@
 
 import asyncio
 import gc
-import hmac
 import logging
 import time
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, cast
 
 import bentoml
 from fastapi import FastAPI, Header
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_core import to_json
 from starlette.responses import JSONResponse, Response
 
 from configuration import (
     API_PREFIX,
+    DriftReport,
     ModelInfo,
     ModelRef,
+    RoutingChange,
     RoutingInfo,
+    RoutingSpec,
     RowError,
     StoredModel,
+    TaskInfo,
     contract_for,
     current_use_case,
     get_settings,
@@ -28,13 +31,12 @@ from configuration import (
 from configuration.errors import (
     Conflict,
     ContractMiddleware,
-    Forbidden,
     InferenceFailed,
     InferenceTimeout,
     NotFound,
     PayloadTooLarge,
     ScoringError,
-    Unauthorized,
+    bearer_refusal,
 )
 from configuration.openapi import OpenAPIErrors
 from configuration.policy import Decisions
@@ -85,43 +87,10 @@ ROUTE_ERRORS: dict[str, dict[str, tuple[int, ...]]] = {
 }
 
 
-class DriftReport(BaseModel):
-    status: Literal["ok", "warning", "drift", "insufficient_data", "unavailable"]
-    model_version: str = Field(description="The champion whose reference is compared.")
-    window_rows: int
-    min_rows: int
-    thresholds: dict[str, float] = Field(description="PSI from which a status is warning/drift.")
-    features: dict[str, float] = Field(description="PSI per model feature.")
-    score: float | None = Field(description="PSI of the model's score.")
-    drifting: list[str] = Field(description="Features (and `score`) at or over the warning.")
-
-
-class RoutingSpec(BaseModel):
-    """The versions to serve: MLflow registry versions of the serving flavor, imported into
-    the model store (the Bento packs the newest `packed_versions`)."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    champion: str = Field(description="Registry version that answers.")
-    challenger: str | None = Field(None, description="Registry version of the challenger.")
-    mode: Literal["off", "split", "shadow"] = "off"
-    share: float = Field(0.0, ge=0, le=1, description="Share of keys for the challenger (split).")
-
-
-class RoutingChange(RoutingInfo):
-    swap_s: float = Field(description="Seconds to load, verify and warm the versions and swap.")
-
-
 def admin_refusal(authorization: str | None) -> JSONResponse | None:
     """None when `authorization` carries the admin token; else the error to answer."""
-    token = SETTINGS.admin_token
-    if token is None:
-        return error_response(NotFound("admin routes are disabled: no admin token configured"))
-    if not authorization or not authorization.startswith("Bearer "):
-        return error_response(Unauthorized("an admin route needs 'Authorization: Bearer <token>'"))
-    if not hmac.compare_digest(authorization[7:].encode(), token.get_secret_value().encode()):
-        return error_response(Forbidden("wrong admin token"))
-    return None
+    refused = bearer_refusal(authorization, SETTINGS.admin_token)
+    return None if refused is None else error_response(refused)
 
 
 info_app = FastAPI(title="scoring model info")
@@ -132,20 +101,6 @@ class TaskRequest(BaseModel):
         description=f"Rows to score (at most {SETTINGS.task_max_rows}); validated one by one "
         "when the task runs, invalid rows reported by index in the result."
     )
-
-
-class TaskInfo(BaseModel):
-    task_id: str
-    status: Literal["queued", "running", "succeeded", "failed"]
-    rows: int
-    attempts: int = Field(description="Times a worker started on it.")
-    idempotency_key: str | None
-    created_at: str
-    updated_at: str
-    expires_at: str = Field(description="When the task and its result are deleted.")
-    error: str | None
-    contract_version: int
-    links: dict[str, str]
 
 
 def task_body(task: Task) -> dict[str, Any]:

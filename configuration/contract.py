@@ -74,6 +74,47 @@ class RoutingInfo(BaseModel):
     share: float
 
 
+class RoutingSpec(BaseModel):
+    """The versions to serve: MLflow registry versions of the serving flavor, imported into
+    the model store (the Bento packs the newest `packed_versions`)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    champion: str = Field(description="Registry version that answers.")
+    challenger: str | None = Field(None, description="Registry version of the challenger.")
+    mode: Literal["off", "split", "shadow"] = "off"
+    share: float = Field(0.0, ge=0, le=1, description="Share of keys for the challenger (split).")
+
+
+class RoutingChange(RoutingInfo):
+    swap_s: float = Field(description="Seconds to load, verify and warm the versions and swap.")
+
+
+class TaskInfo(BaseModel):
+    task_id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    rows: int
+    attempts: int = Field(description="Times a worker started on it.")
+    idempotency_key: str | None
+    created_at: str
+    updated_at: str
+    expires_at: str = Field(description="When the task and its result are deleted.")
+    error: str | None
+    contract_version: int
+    links: dict[str, str]
+
+
+class DriftReport(BaseModel):
+    status: Literal["ok", "warning", "drift", "insufficient_data", "unavailable"]
+    model_version: str = Field(description="The champion whose reference is compared.")
+    window_rows: int
+    min_rows: int
+    thresholds: dict[str, float] = Field(description="PSI from which a status is warning/drift.")
+    features: dict[str, float] = Field(description="PSI per model feature.")
+    score: float | None = Field(description="PSI of the model's score.")
+    drifting: list[str] = Field(description="Features (and `score`) at or over the warning.")
+
+
 class ModelInfo(BaseModel):
     """What is serving."""
 

@@ -4,11 +4,13 @@ enforces both (body-size limit, and BentoML's own error bodies rewritten into ou
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from http import HTTPStatus
 from typing import Any
 
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LOG = logging.getLogger(__name__)
@@ -77,6 +79,18 @@ class InferenceTimeout(ScoringError):
     """The runners did not answer within the deadline."""
 
     status = HTTPStatus.GATEWAY_TIMEOUT
+
+
+def bearer_refusal(authorization: str | None, token: SecretStr | None) -> ScoringError | None:
+    """None when `authorization` is `Bearer <token>`; else why not: no token configured (the
+    routes are off: 404), no bearer (401) or another one (403)."""
+    if token is None:
+        return NotFound("admin routes are disabled: no admin token configured")
+    if not authorization or not authorization.startswith("Bearer "):
+        return Unauthorized("an admin route needs 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(authorization[7:].encode(), token.get_secret_value().encode()):
+        return Forbidden("wrong admin token")
+    return None
 
 
 def envelope(status: int, message: str, details: list[dict[str, Any]] | None = None) -> dict:
