@@ -167,7 +167,6 @@ class Scoring:
         routing = initial_routing(SETTINGS, served_model(SERVING_RUNNER))
         self.scorer = Scorer(SETTINGS, USE_CASE, self.runner_calls, routing)
         self.prediction_log = PredictionLog(SETTINGS, USE_CASE)
-        self.routing_table = RoutingTable(SETTINGS.task_database_url)
         self.ready = False
         self.tasks = TaskStore(
             SETTINGS.task_database_url,
@@ -175,6 +174,7 @@ class Scoring:
             lease_s=SETTINGS.task_lease_s,
             max_attempts=SETTINGS.task_max_attempts,
         )
+        self.routing_table = RoutingTable(self.tasks.engine)
         self._background: list[asyncio.Task[None]] = []
         gc.freeze()  # start-up objects are permanent: keep them out of every future collection
 
@@ -204,7 +204,6 @@ class Scoring:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self.tasks.close()
-        self.routing_table.close()
 
     async def _warm_up(self) -> None:
         """Score the use case's examples with every arm through the runners until the models
@@ -247,16 +246,6 @@ class Scoring:
                 LOG.exception("drift update failed")
 
     # ---- scoring ---------------------------------------------------------------------------
-    async def _decide(self, rows: list[dict[str, Any]]) -> tuple[Decisions, Routing]:
-        """Answers, and the routing that gave them (its champion names the response's model:
-        a request that overlaps a swap is answered wholly by the versions it started with)."""
-        return await self.scorer.decide(rows)
-
-    async def _explain(
-        self, row: dict[str, Any], decisions: Decisions, top_k: int
-    ) -> dict[str, Any] | None:
-        return await self.scorer.explain(row, decisions, top_k)
-
     def _response(
         self,
         row: dict[str, Any],
@@ -282,12 +271,12 @@ class Scoring:
         """Score one row; with `explain`, add the explanation if it fits the time budget."""
         started = time.perf_counter()
         row = dict(instance.__dict__)  # type: ignore[attr-defined]  # flat: no model_dump walk
-        scored = await self._decide([row])
+        scored = await self.scorer.decide([row])
         if not explain:
             return self._answer("predict", row, self._response(row, scored), started)
         try:
             explanation = await asyncio.wait_for(
-                self._explain(row, scored[0], top_k), SETTINGS.explain_budget_ms / 1000
+                self.scorer.explain(row, scored[0], top_k), SETTINGS.explain_budget_ms / 1000
             )
         except TimeoutError:
             body = self._response(row, scored, explanation_status="timeout")
@@ -313,10 +302,10 @@ class Scoring:
         when the model cannot answer this row."""
         started = time.perf_counter()
         row = dict(instance.__dict__)  # type: ignore[attr-defined]
-        scored = await self._decide([row])
+        scored = await self.scorer.decide([row])
         try:
             explanation = await asyncio.wait_for(
-                self._explain(row, scored[0], top_k), SETTINGS.inference_deadline_ms / 1000
+                self.scorer.explain(row, scored[0], top_k), SETTINGS.inference_deadline_ms / 1000
             )
         except TimeoutError:
             return error_response(InferenceTimeout("the explanation did not finish in time"))
@@ -359,7 +348,7 @@ class Scoring:
         model = self.model_ref
         if valid:
             rows = [row for _, row in valid]
-            decisions, routing = await self._decide(rows)
+            decisions, routing = await self.scorer.decide(rows)
             model = routing.champion.ref
             answered = predictions(USE_CASE, rows, decisions)
             for (index, _), answer in zip(valid, answered, strict=True):

@@ -20,12 +20,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 FallbackReason = Literal["low_confidence", "model_error", "timeout", "model_not_ready"]
-FALLBACK_REASONS: tuple[FallbackReason, ...] = (
-    "low_confidence",
-    "model_error",
-    "timeout",
-    "model_not_ready",
-)
 NO_LABEL = -1
 
 
@@ -49,10 +43,6 @@ class Decisions:
         index = np.where(self.labels == NO_LABEL, 0, self.labels)
         scores = self.probabilities[np.arange(n), index]
         return np.where(self.labels == NO_LABEL, np.nan, scores)
-
-    @property
-    def fallback(self) -> np.ndarray:
-        return self.reasons != None  # noqa: E711 (elementwise)
 
 
 def decide(

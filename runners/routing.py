@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import bentoml
-from sqlalchemy import Column, DateTime, Integer, MetaData, Table, Text, create_engine, select
+from sqlalchemy import Column, DateTime, Integer, MetaData, Table, Text, select
 from sqlalchemy.engine import Engine
 
 from configuration import ModelRef, Settings
@@ -154,8 +154,8 @@ class RoutingTable:
     """The routing an admin call set, shared by the API workers (and replicas on a shared
     database) and kept across restarts: one row in `scoring_routing`."""
 
-    def __init__(self, url: str) -> None:
-        self.engine: Engine = create_engine(url, pool_pre_ping=True)
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine  # the task store's: one pool and the same SQLite settings
         metadata = MetaData()
         self.table = Table(
             "scoring_routing",
@@ -179,6 +179,3 @@ class RoutingTable:
             ).rowcount
             if not updated:
                 conn.execute(self.table.insert().values(id=1, **values))
-
-    def close(self) -> None:
-        self.engine.dispose()

@@ -119,22 +119,28 @@ class Scorer:
         )
         if self.drift is not None:
             self._observe_drift(routing, rows, probabilities[:n])
+        self._count_fallbacks(rows, decisions)
         if self.monitoring:
             self._observe(rows, decisions)
             if shadow is not None and failed is None:
                 self._compare(routing, decisions, probabilities[n:], rows)
-        else:
-            for reason, arm in zip(decisions.reasons.tolist(), (r[ARM] for r in rows), strict=True):
-                if reason is not None:
-                    metrics.fallbacks().labels(reason, arm.name, arm.model_version).inc()
         return decisions, routing
 
+    def _count_fallbacks(self, rows: list[dict[str, Any]], decisions: Decisions) -> None:
+        """`scoring_fallbacks_total`, counted with or without the other per-row metrics."""
+        fallen: Counter[tuple[str, ...]] = Counter(
+            (reason, row[ARM].name, row[ARM].model_version)
+            for row, reason in zip(rows, decisions.reasons.tolist(), strict=True)
+            if reason is not None
+        )
+        for labels, count in fallen.items():
+            self._child(metrics.fallbacks(), labels).inc(count)
+
     def _observe(self, rows: list[dict[str, Any]], decisions: Decisions) -> None:
-        """Per-row metrics: counters summed per label set first, histogram children cached
+        """Per-row metrics: predictions summed per label set first, histogram children cached
         (a `.labels()` lookup per row cost as much as the observation)."""
         classes = self.use_case.target.classes
         counted: Counter[tuple[str, ...]] = Counter()
-        fallen: Counter[tuple[str, ...]] = Counter()
         for row, label, reason, score, confidence in zip(
             rows,
             decisions.labels.tolist(),
@@ -148,8 +154,6 @@ class Scorer:
             counted[
                 arm.name, arm.model_version, "none" if label < 0 else classes[label], source
             ] += 1
-            if reason is not None:
-                fallen[reason, arm.name, arm.model_version] += 1
             histograms = self._histograms(arm)
             if confidence == confidence:  # the model answered (NaN otherwise)
                 histograms[1].observe(confidence)
@@ -157,8 +161,6 @@ class Scorer:
                 histograms[0].observe(score)
         for labels, count in counted.items():
             self._child(metrics.predictions(), labels).inc(count)
-        for labels, count in fallen.items():
-            self._child(metrics.fallbacks(), labels).inc(count)
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         key = (metric, labels)

@@ -277,9 +277,8 @@ class TestReadiness:
         instance.scorer = SimpleNamespace(warm=warm, routing=None)
         return instance
 
-    def test_ready_only_after_the_warm_up_prediction_passed(self, client):
+    def test_the_started_service_is_ready(self, client):
         assert client.get("/readyz").status_code == 200
-        assert self.unready(None).__is_ready__() is False
 
     def test_a_warm_up_that_never_passes_keeps_the_service_unready(self, monkeypatch):
         monkeypatch.setattr(
@@ -287,12 +286,13 @@ class TestReadiness:
         )
         instance = self.unready("model broken")
         asyncio.run(instance._warm_up())
-        assert instance.ready is False
+        assert instance.__is_ready__() is False
 
     def test_a_warm_up_passes_once_the_model_answers(self):
         instance = self.unready(None)
+        assert instance.__is_ready__() is False  # not before the warm-up ran
         asyncio.run(instance._warm_up())
-        assert instance.ready is True
+        assert instance.__is_ready__() is True
 
     @pytest.mark.parametrize(("exception", "passes"), [(None, True), (RuntimeError("x"), False)])
     def test_the_warm_up_scores_the_examples_through_the_runners(
