@@ -14,7 +14,8 @@
 #                   cached as localhost/scoring-base:<suite>-py<version>.
 #   EXTRA_CA_CERTS  a PEM file, or a folder of .crt/.pem files, that the build must trust (a
 #                   TLS-inspecting proxy). They go into the base's trust store, so the image
-#                   trusts them too.
+#                   trusts them too. Default: the certificates this host added to its own
+#                   store (/usr/local/share/ca-certificates/*.crt), if any; empty for none.
 #   IMAGE_TAG       the image's tag. Default: the Bento's tag.
 #   PYTHON          the Python with bentoml (default .venv/bin/python); its uv and hadolint are used.
 set -euo pipefail
@@ -23,6 +24,9 @@ PYTHON="${PYTHON:-.venv/bin/python}"
 BIN="$(dirname "$PYTHON")"
 STATE="$PWD/build/image" # generated containers.conf, base image rootfs, temporary build contexts
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+if [ -z "${EXTRA_CA_CERTS+set}" ] && compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  EXTRA_CA_CERTS=/usr/local/share/ca-certificates # what this host trusts, the build trusts
+fi
 
 log() { echo "image: $*" >&2; }
 die() {
