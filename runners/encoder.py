@@ -71,11 +71,15 @@ class OneHotBlock:
     def encode_frame(self, frame: pd.DataFrame, out: np.ndarray) -> None:
         import pandas as pd  # batch scoring only: the serving preprocessor never loads pandas
 
-        codes = [  # -1 for missing and unknown values
-            np.asarray(pd.Index(categories).get_indexer(pd.Index(frame[column])), dtype=np.int64)
-            for column, categories in zip(self.columns, self.categories, strict=True)
-        ]
-        self._scatter(codes, out)
+        codes = []  # -1 for missing and unknown values
+        for column, categories in zip(self.columns, self.categories, strict=True):
+            values = frame[column]
+            if isinstance(values.dtype, pd.CategoricalDtype):  # its codes, mapped to ours
+                ours = pd.Index(categories).get_indexer(values.cat.categories)
+                codes.append(np.append(ours, -1)[values.cat.codes.to_numpy()])  # -1 stays -1
+            else:
+                codes.append(pd.Index(categories).get_indexer(pd.Index(values)))
+        self._scatter([np.asarray(c, dtype=np.int64) for c in codes], out)
 
     def _scatter(self, codes: list[np.ndarray], out: np.ndarray) -> None:
         """One-hot columns from category codes (-1: missing or unknown)."""

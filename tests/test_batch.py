@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,12 +13,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import DateTime, create_engine, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
@@ -126,6 +128,76 @@ def test_bad_rows_go_to_rejects_with_reasons_and_never_stop_the_job(models, chur
         14: "monthly_charges: missing",
     }
     assert len(read_table(url, "scores")) == 44
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_each_row_lands_with_its_job_model_and_time_whatever_its_key(
+    database, request, models, churn, tmp_path
+):
+    """Keys that CSV (PostgreSQL's COPY) must quote, and booleans spelled as the contract allows,
+    land as given; every row carries its job, model and a scored_at of this run."""
+    url = (
+        f"sqlite:///{tmp_path / 'out.db'}"
+        if database == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    table = f"scores_{uuid.uuid4().hex[:8]}"
+    keys = ["plain", "", "with,comma", 'with "quotes"', "line\nbreak", "ünï €"]
+    frame = leads(len(keys), seed=12)
+    frame["customer_id"] = keys
+    spelled = frame.assign(paperless_billing=["true", "1", "True", "0", "False", "FALSE"])
+    frame["paperless_billing"] = [True, True, True, False, False, False]
+    frame.to_parquet(tmp_path / "bools.parquet", index=False)
+    spelled.to_parquet(tmp_path / "spelled.parquet", index=False)
+    before = datetime.now(UTC)
+    try:
+        summary = run(churn, models, str(tmp_path / "spelled.parquet"), url, table, chunk_rows=4)
+        run(churn, models, str(tmp_path / "bools.parquet"), url, f"{table}_b", chunk_rows=4)
+        after = datetime.now(UTC)
+        assert (summary.rows_scored, summary.rows_rejected) == (6, 0)
+        stored = read_table(url, table).set_index("key")
+        assert sorted(stored.index) == sorted(keys)
+        pd.testing.assert_frame_equal(stored, read_table(url, f"{table}_b").set_index("key"))
+        with connect(url) as conn:
+            query = text(f'SELECT job_id, model_name, model_version, scored_at FROM "{table}"')
+            rows = conn.execute(query.columns(scored_at=DateTime(timezone=True))).all()
+            raw = conn.execute(text(f'SELECT scored_at FROM "{table}"')).scalars().all()
+        if database == "sqlite":  # as SQLAlchemy writes DateTime there, like the jobs table
+            assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", v) for v in raw), raw
+        for job_id, name, version, scored_at in rows:
+            assert (job_id, name, version) == (summary.job_id, models.name, models.version)
+            if scored_at.tzinfo is None:  # SQLite keeps UTC without the zone
+                scored_at = scored_at.replace(tzinfo=UTC)
+            assert before <= scored_at <= after
+    finally:
+        with connect(url, begin=True) as conn:
+            for name in (table, f"{table}_b", f"{table}_rejects", f"{table}_b_rejects"):
+                conn.execute(text(f'DROP TABLE IF EXISTS "{name}"'))
+            conn.execute(text(f"DELETE FROM scoring_jobs WHERE output_table LIKE '{table}%'"))
+
+
+def test_keys_repeated_or_missing_are_rejected_within_and_across_chunks(models, churn, tmp_path):
+    """The first row with a key keeps it, even an invalid one; later valid rows with it are
+    duplicates, in the same chunk or a later one. Chunks of 4: [a b - c] [a d e f] [g h i* j]
+    [i k - l]; * is invalid."""
+    frame = leads(16, seed=21).astype(object)
+    frame["customer_id"] = list("ab-cadefghijik-l")
+    frame.loc[frame["customer_id"] == "-", "customer_id"] = None
+    frame.loc[10, "age"] = 5
+    frame.to_csv(tmp_path / "in.csv", index=False)
+    url = f"sqlite:///{tmp_path / 'out.db'}"
+    summary = run(churn, models, str(tmp_path / "in.csv"), url, "scores", chunk_rows=4)
+    with connect(url) as conn:
+        rejects = conn.execute(text("SELECT row_number, key, reason FROM scores_rejects")).all()
+    assert sorted(rejects) == [
+        (2, None, "customer_id: missing key"),
+        (4, "a", "customer_id: duplicate key"),
+        (10, "i", "age: below 18.0"),
+        (12, "i", "customer_id: duplicate key"),
+        (14, None, "customer_id: missing key"),
+    ]
+    assert summary.rows_scored == 11
+    assert sorted(read_table(url, "scores")["key"]) == list("abcdefghjkl")
 
 
 def test_a_finished_job_is_not_redone_unless_forced(models, churn, tmp_path):

@@ -3,10 +3,15 @@ transaction per chunk that also advances the job's progress, so a chunk lands wh
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.csv
 from sqlalchemy import (
     Column,
     DateTime,
@@ -39,6 +44,48 @@ PREDICTION_COLUMNS = (
     "scored_at",
 )
 REJECT_COLUMNS = ("job_id", "row_number", "key", "reason")
+# the prediction columns that vary by row, as the scoring step hands them over
+SCORE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("label", pa.string()),
+        ("score", pa.float64()),
+        ("probabilities", pa.string()),
+        ("fallback_reason", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ScoredChunk:
+    """One chunk's predictions: `columns` (Arrow, SCORE_SCHEMA) vary by row; `shared` holds the
+    values all its rows have (job_id, model_name, model_version, scored_at). Kept columnar until
+    the sink: each database gets the form it loads fastest."""
+
+    columns: pa.Table
+    shared: dict[str, Any]
+
+    def __len__(self) -> int:
+        return self.columns.num_rows
+
+    def table(self) -> pa.Table:
+        """All PREDICTION_COLUMNS, in order."""
+        n = len(self)
+        arrays = [
+            pa.repeat(pa.scalar(self.shared[name], type=SHARED_TYPES[name]), n)
+            if name in self.shared
+            else self.columns[name]
+            for name in PREDICTION_COLUMNS
+        ]
+        return pa.table(arrays, names=list(PREDICTION_COLUMNS))
+
+
+SHARED_TYPES = {
+    "job_id": pa.string(),
+    "model_name": pa.string(),
+    "model_version": pa.string(),
+    "scored_at": pa.timestamp("us", tz="UTC"),
+}
 
 
 def _sqlite_wal(connection: Any, _: Any) -> None:
@@ -126,11 +173,11 @@ class Sink:
         return dict(existing._mapping)
 
     def write_chunk(
-        self, job_id: str, chunk_index: int, scored: Sequence[tuple], rejected: Sequence[tuple]
+        self, job_id: str, chunk_index: int, scored: ScoredChunk, rejected: Sequence[tuple]
     ) -> None:
         """Scores and rejects of one chunk plus the progress marker, in one transaction."""
         with self.engine.begin() as conn:
-            self._insert(conn, self.predictions, PREDICTION_COLUMNS, scored)
+            self._insert_scores(conn, scored)
             self._insert(conn, self.rejects, REJECT_COLUMNS, rejected)
             jobs = self.jobs.c
             conn.execute(
@@ -150,6 +197,41 @@ class Sink:
                 .where(self.jobs.c.job_id == job_id)
                 .values(status="finished", finished_at=now())
             )
+
+    def _insert_scores(self, conn: Connection, scored: ScoredChunk) -> None:
+        """PostgreSQL: COPY of the chunk as CSV written by Arrow. SQLite: the driver's
+        executemany on plain tuples, the values shared by the chunk converted once. Others:
+        SQLAlchemy's insert."""
+        if not len(scored):
+            return
+        dialect = conn.dialect
+        if dialect.name == "postgresql":
+            csv = io.BytesIO()  # strings quoted, nulls empty and unquoted: what COPY reads
+            options = pyarrow.csv.WriteOptions(include_header=False)
+            pyarrow.csv.write_csv(scored.table(), csv, options)
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            names = ", ".join(f'"{c}"' for c in PREDICTION_COLUMNS)
+            table = self.predictions.name
+            with cursor.copy(f'COPY "{table}" ({names}) FROM STDIN (FORMAT csv)') as copy:
+                copy.write(csv.getbuffer())
+            return
+        columns: list[Any] = []
+        for name in PREDICTION_COLUMNS:
+            if name in scored.shared:
+                column_type = self.predictions.c[name].type.dialect_impl(dialect)
+                process = column_type.bind_processor(dialect)
+                value = scored.shared[name]
+                columns.append(repeat(process(value) if process else value))
+            else:
+                columns.append(scored.columns[name].to_pylist())
+        rows = list(zip(*columns, strict=False))  # repeat() stops with the row columns
+        if dialect.name == "sqlite":
+            marks = ", ".join("?" * len(PREDICTION_COLUMNS))
+            names = ", ".join(f'"{c}"' for c in PREDICTION_COLUMNS)
+            statement = f'INSERT INTO "{self.predictions.name}" ({names}) VALUES ({marks})'
+            conn.exec_driver_sql(statement, rows)
+        else:
+            self._insert(conn, self.predictions, PREDICTION_COLUMNS, rows)
 
     def _insert(
         self, conn: Connection, table: Table, columns: Sequence[str], rows: Sequence[tuple]

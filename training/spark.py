@@ -90,7 +90,7 @@ def _score_batch(use_case: UseCase, models: ScoringModels, batch: pd.DataFrame) 
     columns = [c.split()[0] for c in OUTPUT_SCHEMA.split(", ")]
     repeated = batch.pop(DUPLICATE_COLUMN) if DUPLICATE_COLUMN in batch else None
     batch = batch.drop(columns=[ORDER_COLUMN])
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, object]] = []  # rejects
     if repeated is not None and repeated.any():
         reason = f"{use_case.key}: duplicate key"
         rows += [
@@ -98,8 +98,14 @@ def _score_batch(use_case: UseCase, models: ScoringModels, batch: pd.DataFrame) 
         ]
         batch = batch.loc[~repeated].reset_index(drop=True)
     scored, rejected = score_chunk(use_case, models, batch, set(), 0, job_id="spark")
-    rows += [dict(zip(columns, (*r[1:8], None), strict=True)) for r in scored]
-    rows += [{"key": r[2], "reject_reason": r[3]} for r in rejected]
+    table = scored.table()
     # object columns: pyspark 4.3 cannot convert pandas 3's arrow-backed string columns
-    out = pd.DataFrame(rows, columns=columns, dtype=object)
+    out = pd.DataFrame(
+        {name: table[name].to_numpy(zero_copy_only=False) for name in columns[:-1]}, dtype=object
+    )
+    out["reject_reason"] = None
+    rows += [{"key": r[2], "reject_reason": r[3]} for r in rejected]
+    if rows:
+        rejects = pd.DataFrame(rows, columns=columns, dtype=object)
+        out = pd.concat([out, rejects], ignore_index=True) if len(out) else rejects
     return out.astype({"score": "float64"})
