@@ -68,6 +68,10 @@ BatchRows = Annotated[
         json_schema_extra={"items": Row.model_json_schema()},
     ),
 ]
+# The same rows, validated while the body is parsed (one pass in pydantic-core): a valid row
+# arrives as a Row, an invalid one as its dict, validated again on its own for its errors.
+RowOrInvalid = Annotated[Row | dict[str, Any], Field(union_mode="left_to_right")]  # type: ignore[valid-type]
+ParsedBatchRows = Annotated[list[RowOrInvalid], *BatchRows.__metadata__]
 
 TopK = Annotated[
     int,
@@ -316,7 +320,7 @@ class Scoring:
         return self._answer("explain", row, body, started)
 
     @bentoml.api(route=f"{API_PREFIX}/predict_batch")
-    async def predict_batch(self, instances: BatchRows) -> PredictBatchResponse:  # type: ignore[valid-type]
+    async def predict_batch(self, instances: ParsedBatchRows) -> PredictBatchResponse:  # type: ignore[valid-type]
         """Score a list of rows; results in request order, invalid rows reported by index."""
         if len(instances) > SETTINGS.max_batch_rows:
             return error_response(
@@ -334,6 +338,9 @@ class Scoring:
         errors: list[RowError] = []
         valid: list[tuple[int, dict[str, Any]]] = []
         for index, raw in enumerate(instances):
+            if isinstance(raw, Row):  # validated with the body
+                valid.append((index, dict(raw.__dict__)))
+                continue
             try:
                 valid.append((index, dict(Row.model_validate(raw).__dict__)))
             except ValidationError as exc:
