@@ -46,6 +46,9 @@ def predictor(booster: Any) -> Callable[[np.ndarray], np.ndarray]:
     """features (n x d) -> probabilities (n x k)."""
 
     def predict(features: np.ndarray) -> np.ndarray:
+        # float32 is what XGBoost compares with its (float32) split values anyway: the same
+        # answers, and numpy's conversion is cheaper than XGBoost's (~10% of a large batch)
+        features = np.asarray(features, dtype=np.float32)
         scores = np.asarray(booster.inplace_predict(features), dtype=np.float64)
         if scores.ndim == 1:  # binary:logistic returns P(positive class) only
             return np.column_stack([1.0 - scores, scores])

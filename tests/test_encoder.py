@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from configuration import UseCase
 from runners.encoder import Encoder
+from training.batch import validate_chunk
 from training.data import generate_churn
 from training.encoder_compiler import (
     NotCompilable,
@@ -49,6 +51,10 @@ def test_identical_on_twenty_thousand_random_rows(churn, fitted):
     expected = transformer.transform(frame)
     np.testing.assert_array_equal(encoder.encode(churn.matrix(rows)), expected)
     np.testing.assert_array_equal(encoder.encode_frame(frame), expected)  # the batch entry
+    # batch scoring hands the encoder categories as Categoricals over the use case's categories
+    _, typed = validate_chunk(churn, pd.DataFrame(rows))
+    assert isinstance(typed["contract_type"].dtype, pd.CategoricalDtype)
+    np.testing.assert_array_equal(encoder.encode_frame(typed), expected)
 
 
 def test_identical_on_generated_edge_cases(churn, fitted):
@@ -107,3 +113,15 @@ def test_the_served_preprocessor_uses_the_compiled_form(demo_models):
 
     assert "encoder" in demo_models["preprocessor"].info.metadata
     assert Preprocessor.inner().compiled
+
+
+def test_the_model_answers_float32_input_exactly_as_float64(churn, fitted, demo_models):
+    """The XGBoost runner converts features to float32 itself (XGBoost compares float32 values
+    with its split conditions): its answers equal inplace_predict on the float64 features."""
+    from runners.xgboost_runner import load_booster, predictor
+
+    _, encoder = fitted
+    features = encoder.encode(churn.matrix(random_rows(churn, 20_000, seed=5)))
+    booster = load_booster(demo_models["xgboost"], threads=1)
+    expected = np.asarray(booster.inplace_predict(features), dtype=np.float64)
+    np.testing.assert_array_equal(predictor(booster)(features)[:, 1], expected)
