@@ -136,11 +136,20 @@ def validate_chunk(use_case: UseCase, frame: pd.DataFrame) -> tuple[np.ndarray, 
     typed: dict[str, Any] = {}  # column name -> float64 array or Categorical
     for spec in use_case.model_features:
         column = frame[spec.name]
-        present = column.notna().to_numpy()
+        kind = column.dtype.kind  # float and bool columns (Parquet, CSV) skip pandas' checks
+        floats = column.to_numpy() if kind == "f" else None
+        if floats is not None:
+            present = ~np.isnan(floats)
+        else:
+            present = np.ones(n, dtype=bool) if kind == "b" else column.notna().to_numpy()
         if not spec.nullable:
             flag(~present, f"{spec.name}: missing")
         if spec.type == "numeric":
-            values = np.asarray(pd.to_numeric(column, errors="coerce"), dtype=np.float64)
+            values = (
+                floats.astype(np.float64, copy=False)
+                if floats is not None
+                else np.asarray(pd.to_numeric(column, errors="coerce"), dtype=np.float64)
+            )
             flag(present & np.isnan(values), f"{spec.name}: not a number")
             flag(present & np.isinf(values), f"{spec.name}: not finite")
             low, high = float(spec.min or 0.0), float(spec.max or 0.0)  # set for numeric
