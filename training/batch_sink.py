@@ -215,17 +215,18 @@ class Sink:
             with cursor.copy(f'COPY "{table}" ({names}) FROM STDIN (FORMAT csv)') as copy:
                 copy.write(csv.getbuffer())
             return
+        driver = dialect.name == "sqlite"  # values go to the driver as SQLAlchemy binds them
         columns: list[Any] = []
         for name in PREDICTION_COLUMNS:
             if name in scored.shared:
                 column_type = self.predictions.c[name].type.dialect_impl(dialect)
-                process = column_type.bind_processor(dialect)
+                process = column_type.bind_processor(dialect) if driver else None
                 value = scored.shared[name]
                 columns.append(repeat(process(value) if process else value))
             else:
                 columns.append(scored.columns[name].to_pylist())
         rows = list(zip(*columns, strict=False))  # repeat() stops with the row columns
-        if dialect.name == "sqlite":
+        if driver:
             marks = ", ".join("?" * len(PREDICTION_COLUMNS))
             names = ", ".join(f'"{c}"' for c in PREDICTION_COLUMNS)
             statement = f'INSERT INTO "{self.predictions.name}" ({names}) VALUES ({marks})'
