@@ -94,13 +94,20 @@ def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor.close()
 
 
+def database_engine(url: str, **options: Any) -> Engine:
+    """An SQLAlchemy engine for `url`; on SQLite in WAL mode (readers never block the writer)
+    with a busy timeout. The task store and the batch job's sink share it."""
+    engine = create_engine(url, **options)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
 class TaskStore:
     """The `scoring_tasks` table and the only operations on it."""
 
     def __init__(self, url: str, *, retention_s: float, lease_s: float, max_attempts: int) -> None:
-        self.engine: Engine = create_engine(url, pool_pre_ping=True)
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine: Engine = database_engine(url, pool_pre_ping=True)
         self.retention = timedelta(seconds=retention_s)
         self.lease = timedelta(seconds=lease_s)
         self.max_attempts = max_attempts

@@ -232,9 +232,9 @@ def chunk_keys(column: pd.Series | None, offset: int, n: int) -> list[str | None
     position in the input."""
     if column is None:
         return [str(i) for i in range(offset, offset + n)]
-    if isinstance(column.dtype, pd.StringDtype):  # already strings: no str() per row
-        return cast(list[str | None], column.astype(object).where(column.notna(), None).tolist())
     values = column.astype(object).where(column.notna(), None).tolist()
+    if isinstance(column.dtype, pd.StringDtype):  # already strings: no str() per row
+        return cast(list[str | None], values)
     return [None if key is None else str(key) for key in values]
 
 

@@ -22,14 +22,14 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
     delete,
-    event,
     insert,
     select,
     update,
 )
 from sqlalchemy.engine import Connection
+
+from runners.tasks import database_engine
 
 JOBS_TABLE = "scoring_jobs"
 PREDICTION_COLUMNS = (
@@ -88,12 +88,6 @@ SHARED_TYPES = {
 }
 
 
-def _sqlite_wal(connection: Any, _: Any) -> None:
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.close()
-
-
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -102,9 +96,7 @@ class Sink:
     """The output table, its `<table>_rejects` companion and the shared job table."""
 
     def __init__(self, url: str, table: str) -> None:
-        self.engine: Engine = create_engine(url)
-        if self.engine.dialect.name == "sqlite":  # readers (progress, resume) never block writes
-            event.listen(self.engine, "connect", _sqlite_wal)
+        self.engine: Engine = database_engine(url)  # readers (progress) never block the job
         self.metadata = MetaData()
         self.predictions = Table(
             table,
