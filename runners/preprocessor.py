@@ -11,7 +11,7 @@ import numpy as np
 
 from configuration import UseCase, current_use_case, get_settings
 from runners.artifacts import SKOPS_TRUSTED_TYPES, Versions, model_tag, pin_versions, verified_file
-from runners.batching import by_version, isolate_failures, service_options
+from runners.batching import by_version, constant_media_types, isolate_failures, service_options
 from runners.encoder import Encoder
 from runners.metrics import batch_rows
 
@@ -38,6 +38,7 @@ def load_encoder(model: bentoml.Model, use_case: UseCase) -> Callable[[np.ndarra
     return lambda rows: np.asarray(transformer.transform(use_case.frame(rows)), dtype=np.float64)
 
 
+@constant_media_types
 @bentoml.service(
     name="preprocessor",
     **service_options(

@@ -11,7 +11,7 @@ import numpy as np
 
 from configuration import get_settings
 from runners.artifacts import SKOPS_TRUSTED_TYPES, Versions, model_tag, pin_versions, verified_file
-from runners.batching import by_version, isolate_failures, service_options
+from runners.batching import by_version, constant_media_types, isolate_failures, service_options
 from runners.metrics import batch_rows
 
 SETTINGS = get_settings()
@@ -39,6 +39,7 @@ def linear_contributions(estimator: Any, features: np.ndarray) -> np.ndarray:
     return np.concatenate([values, bias], axis=2)
 
 
+@constant_media_types
 @bentoml.service(
     name="sklearn",
     **service_options(

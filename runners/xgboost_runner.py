@@ -13,7 +13,7 @@ import numpy as np
 
 from configuration import get_settings
 from runners.artifacts import Versions, model_tag, pin_versions, verified_file
-from runners.batching import by_version, isolate_failures, service_options
+from runners.batching import by_version, constant_media_types, isolate_failures, service_options
 from runners.metrics import batch_rows
 
 SETTINGS = get_settings()
@@ -75,6 +75,7 @@ def explainer(booster: Any, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     return contributions
 
 
+@constant_media_types
 @bentoml.service(
     name="xgboost",
     **service_options(
