@@ -8,14 +8,10 @@ and a swap is the assignment of a new one after its models are loaded, verified 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import bentoml
-from sqlalchemy import Column, DateTime, Integer, MetaData, Table, Text, select
-from sqlalchemy.engine import Engine
 
 from configuration import ModelRef, Settings
 from runners.artifacts import find_version, imports
@@ -148,34 +144,3 @@ def initial_routing(settings: Settings, default: bentoml.Model) -> Routing:
             "share": settings.challenger_share,
         },
     )
-
-
-class RoutingTable:
-    """The routing an admin call set, shared by the API workers (and replicas on a shared
-    database) and kept across restarts: one row in `scoring_routing`."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine  # the task store's: one pool and the same SQLite settings
-        metadata = MetaData()
-        self.table = Table(
-            "scoring_routing",
-            metadata,
-            Column("id", Integer, primary_key=True),
-            Column("spec", Text, nullable=False),
-            Column("updated_at", DateTime(timezone=True), nullable=False),
-        )
-        metadata.create_all(self.engine)
-
-    def read(self) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            spec = conn.execute(select(self.table.c.spec).where(self.table.c.id == 1)).scalar()
-        return None if spec is None else dict(json.loads(spec))
-
-    def write(self, spec: dict[str, Any]) -> None:
-        values = {"spec": json.dumps(spec, sort_keys=True), "updated_at": datetime.now(UTC)}
-        with self.engine.begin() as conn:
-            updated = conn.execute(
-                self.table.update().where(self.table.c.id == 1).values(**values)
-            ).rowcount
-            if not updated:
-                conn.execute(self.table.insert().values(id=1, **values))

@@ -6,7 +6,10 @@ claims a task with a lease it renews while it works; a task whose worker died is
 once its lease has expired, at most `max_attempts` times, then marked failed. Finished tasks and
 their results are deleted `retention_s` after they were submitted. Submitting again with the
 same idempotency key returns the existing task (a different payload under the same key is a
-conflict).
+conflict). The routing an admin call set lives in the same database (`RoutingTable`).
+
+Only the API worker needs this module (and SQLAlchemy): `service.py` imports it where the API
+worker uses it, so that the runner workers, which import `service.py` too, start faster.
 """
 
 from __future__ import annotations
@@ -370,3 +373,34 @@ def merge(bodies: list[dict[str, Any]], chunk_rows: int) -> dict[str, Any]:
             error = error if isinstance(error, dict) else error.model_dump()
             merged["errors"].append({**error, "index": error["index"] + number * chunk_rows})
     return merged
+
+
+class RoutingTable:
+    """The routing an admin call set, shared by the API workers (and replicas on a shared
+    database) and kept across restarts: one row in `scoring_routing`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine  # the task store's: one pool and the same SQLite settings
+        metadata = MetaData()
+        self.table = Table(
+            "scoring_routing",
+            metadata,
+            Column("id", Integer, primary_key=True),
+            Column("spec", Text, nullable=False),
+            Column("updated_at", DateTime(timezone=True), nullable=False),
+        )
+        metadata.create_all(self.engine)
+
+    def read(self) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            spec = conn.execute(select(self.table.c.spec).where(self.table.c.id == 1)).scalar()
+        return None if spec is None else dict(json.loads(spec))
+
+    def write(self, spec: dict[str, Any]) -> None:
+        values = {"spec": json.dumps(spec, sort_keys=True), "updated_at": datetime.now(UTC)}
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                self.table.update().where(self.table.c.id == 1).values(**values)
+            ).rowcount
+            if not updated:
+                conn.execute(self.table.insert().values(id=1, **values))
