@@ -98,15 +98,16 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float) -> floa
     import httpx
 
     start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if process.poll() is not None:
-            pytest.fail(f"process exited with {process.returncode} before {url} was ready")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return time.monotonic() - start
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
+    with httpx.Client(timeout=1.0) as client:  # httpx.get: a client and SSL context per poll
+        while time.monotonic() - start < timeout_s:
+            if process.poll() is not None:
+                pytest.fail(f"process exited with {process.returncode} before {url} was ready")
+            try:
+                if client.get(url).status_code == 200:
+                    return time.monotonic() - start
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
     pytest.fail(f"{url} not ready within {timeout_s} s")
 
 
