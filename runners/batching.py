@@ -40,8 +40,9 @@ def service_options(
 
 def constant_media_types(service: S) -> S:
     """Decorator above `@bentoml.service`: BentoML works out an API's response media type from
-    its output's JSON schema on every response (a TypeAdapter and a schema build: ~10% of a
-    runner worker's time per call at low load). It is constant per API: work it out once."""
+    its output's JSON schema on every response (a TypeAdapter and a schema build: 79 us here,
+    about 5% of a runner worker's CPU per call at low load). It is constant per API: work it
+    out once."""
     for api in service.apis.values():  # type: ignore[attr-defined]
         if api.output_spec.media_type is None:
             api.output_spec.media_type = api.output_spec.mime_type()
