@@ -54,6 +54,13 @@ SCORE_SCHEMA = pa.schema(
         ("fallback_reason", pa.string()),
     ]
 )
+# the prediction columns all rows of a chunk share
+SHARED_TYPES = {
+    "job_id": pa.string(),
+    "model_name": pa.string(),
+    "model_version": pa.string(),
+    "scored_at": pa.timestamp("us", tz="UTC"),
+}
 
 
 @dataclass(frozen=True)
@@ -78,14 +85,6 @@ class ScoredChunk:
             for name in PREDICTION_COLUMNS
         ]
         return pa.table(arrays, names=list(PREDICTION_COLUMNS))
-
-
-SHARED_TYPES = {
-    "job_id": pa.string(),
-    "model_name": pa.string(),
-    "model_version": pa.string(),
-    "scored_at": pa.timestamp("us", tz="UTC"),
-}
 
 
 def now() -> datetime:
@@ -197,13 +196,12 @@ class Sink:
         if not len(scored):
             return
         dialect = conn.dialect
+        table, names = self.predictions.name, ", ".join(f'"{c}"' for c in PREDICTION_COLUMNS)
         if dialect.name == "postgresql":
             csv = io.BytesIO()  # strings quoted, nulls empty and unquoted: what COPY reads
             options = pyarrow.csv.WriteOptions(include_header=False)
             pyarrow.csv.write_csv(scored.table(), csv, options)
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            names = ", ".join(f'"{c}"' for c in PREDICTION_COLUMNS)
-            table = self.predictions.name
             with cursor.copy(f'COPY "{table}" ({names}) FROM STDIN (FORMAT csv)') as copy:
                 copy.write(csv.getbuffer())
             return
@@ -220,8 +218,7 @@ class Sink:
         rows = list(zip(*columns, strict=False))  # repeat() stops with the row columns
         if driver:
             marks = ", ".join("?" * len(PREDICTION_COLUMNS))
-            names = ", ".join(f'"{c}"' for c in PREDICTION_COLUMNS)
-            statement = f'INSERT INTO "{self.predictions.name}" ({names}) VALUES ({marks})'
+            statement = f'INSERT INTO "{table}" ({names}) VALUES ({marks})'
             conn.exec_driver_sql(statement, rows)
         else:
             self._insert(conn, self.predictions, PREDICTION_COLUMNS, rows)
