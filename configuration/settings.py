@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     warmup_timeout_s: PositiveFloat = Field(
         120.0, description="/readyz stays 503 until a warm-up prediction passes within this."
     )
+    drain_s: float = Field(
+        5.0,
+        ge=0,
+        description="On SIGTERM, /readyz answers 503 at once and requests are still answered "
+        "for this long (a load balancer's time to stop sending) before the listener closes; "
+        "the runners serve inference_deadline_ms longer. 0: stop at once. SIGINT never drains.",
+    )
     trace_requests: bool = Field(
         False, description="OpenTelemetry spans for scoring routes (configure an exporter too)."
     )
@@ -141,6 +148,20 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL batch scores are written to; embedded SQLite by default.",
     )
     batch_chunk_rows: PositiveInt = Field(50_000, description="Rows per chunk and transaction.")
+
+    # --- model signing ------------------------------------------------------------------------
+    model_signing_key: Path | None = Field(
+        None,
+        description="Ed25519 private key (unencrypted PEM file) that signs each model imported "
+        "into the BentoML store; unset: a key generated once at .signing/model-signing.pem in "
+        "the project folder, its public key beside it (model-signing.pub.pem).",
+    )
+    model_public_key: str | None = Field(
+        None,
+        description="Ed25519 public key (PEM text, or the path of a PEM file) every model's "
+        "signature must verify with before a runner loads it; unset: signatures are not "
+        "checked, only each file's SHA-256 recorded beside it.",
+    )
 
     # --- training -----------------------------------------------------------------------------
     mlflow_tracking_uri: str = Field(

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import bentoml
 
-from configuration import Settings, registered_name
+from configuration import Settings, get_settings, registered_name
+from configuration.signing import load_public_key, verify_model_dir
 
 T = TypeVar("T")
+LOG = logging.getLogger(__name__)
 
 # skops loads only the types listed here beyond scikit-learn's own defaults.
 SKOPS_TRUSTED_TYPES = ["numpy.dtype"]
@@ -31,10 +35,29 @@ def served_model(service: Any) -> bentoml.Model:
     return service.inner.bento_model.resolve()
 
 
-def verified_file(model: bentoml.Model, key: str = "file") -> Path:
+@cache
+def warn_signatures_unverified() -> None:
+    """Say once per process that model signatures go unchecked."""
+    LOG.warning(
+        "model signatures are not verified because SCORING_MODEL_PUBLIC_KEY is unset: a model "
+        "file is only checked against the SHA-256 stored beside it, in the same store"
+    )
+
+
+def verified_file(
+    model: bentoml.Model, key: str = "file", settings: Settings | None = None
+) -> Path:
     """A file of the model (metadata[key] names it, metadata[key + "_sha256"] or, for the main
-    file, metadata["sha256"] holds its hash), after checking its SHA-256."""
+    file, metadata["sha256"] holds its hash), after checking its SHA-256; with
+    `model_public_key` set, after verifying the signature of the whole model first
+    (configuration.signing.SignatureError if it does not verify)."""
+    settings = get_settings() if settings is None else settings
     metadata = model.info.metadata
+    if settings.model_public_key is None:
+        warn_signatures_unverified()
+    else:
+        public_key = load_public_key(settings.model_public_key)
+        verify_model_dir(Path(model.path), str(model.tag), model.info.labels, metadata, public_key)
     expected = metadata["sha256" if key == "file" else f"{key}_sha256"]
     path = Path(model.path_of(str(metadata[key])))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -3,7 +3,9 @@
 We copy the native model file out of the registered MLflow model (XGBoost UBJSON, skops) into a
 BentoML model of our own instead of `bentoml.mlflow.import_model`: serving then needs neither
 MLflow nor its pyfunc wrapper (which only returns labels, not probabilities), and the file's
-SHA-256 is recorded here and verified by the runner before it loads anything.
+SHA-256 is recorded here and verified by the runner before it loads anything. Each stored model
+is also signed (configuration/signing.py), so that a runner given the public key can tell a
+model changed in the store from one imported here.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from typing import Any
 
 import bentoml
 import mlflow
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mlflow.models import Model as MLflowModel
 from mlflow.models import ModelSignature
 
 from configuration import Settings, UseCase, UseCaseError
+from configuration.signing import sign_model_dir, signing_key
 from runners.artifacts import SKOPS_TRUSTED_TYPES
 from training.encoder_compiler import NotCompilable, check_parity, compile_encoder
 from training.pipeline import FLAVORS
@@ -98,11 +102,12 @@ def _save(
     source_dir: Path,
     labels: dict[str, str],
     metadata: dict[str, Any],
+    signer: Ed25519PrivateKey,
     extra_files: dict[str, tuple[str, bytes]] | None = None,
 ) -> bentoml.Model:
-    """Store one native model file under <use-case>-<component>:v<version>-<sha>; re-importing
-    the same file re-creates it so that `:latest` points at the most recent import.
-    `extra_files` maps a metadata key to (file name, content); each gets `<key>_sha256`."""
+    """Store one native model file under <use-case>-<component>:v<version>-<sha>, signed with
+    `signer`; re-importing the same file re-creates it so that `:latest` points at the most recent
+    import. `extra_files` maps a metadata key to (file name, content); each gets `<key>_sha256`."""
     source = source_dir / MODEL_FILES[component]
     digest = sha256_file(source)
     tag = f"{use_case.registered_name(component)}:v{version}-{digest[:12]}"
@@ -120,6 +125,9 @@ def _save(
         shutil.copyfile(source, model.path_of(stored_name))
         for name, content in extras.values():
             Path(model.path_of(name)).write_bytes(content)
+        # signed last, over the files as stored; BentoML writes model.yaml when the block ends
+        signed = sign_model_dir(Path(model.path), str(model.tag), model.info.labels, signer)
+        model.info.metadata.update(signed)
     return bentoml.models.get(tag)
 
 
@@ -148,6 +156,7 @@ def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str,
     trained with. The serving flavor goes last, so `<use-case>-preprocessor:latest` is its own."""
     imported: dict[str, bentoml.Model] = {}
     flavors = sorted(FLAVORS, key=lambda flavor: flavor == settings.model_flavor)
+    signer = signing_key(settings)
     with tempfile.TemporaryDirectory(prefix="scoring-import-") as scratch:
         for flavor in flavors:
             version = resolve(use_case, flavor, alias)
@@ -184,6 +193,7 @@ def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str,
                     "registered_version": preprocessor_version,
                 },
                 metadata=common,
+                signer=signer,
                 extra_files=compiled_encoder(use_case, pre_dir, feature_names),
             )
             metrics = {
@@ -211,6 +221,7 @@ def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str,
                     "preprocessor_tag": str(pre.tag),
                     "preprocessor_sha256": pre.info.metadata["sha256"],
                 },
+                signer=signer,
                 extra_files={"reference": ("reference.json", Path(reference).read_bytes())},
             )
             imported[PREPROCESSOR] = pre
