@@ -25,7 +25,8 @@ def service_options(
     effectively off: the default (every 100 requests) drops in-flight calls under load. Without
     `trace_requests`, `routes` get no OpenTelemetry spans (nothing exports them by default, and
     creating them was a quarter of the API worker's CPU). BentoML's request timeout is
-    `timeout_s`, by default the settings' `request_timeout_s`."""
+    `timeout_s`, by default the settings' `request_timeout_s`. BentoML's runner probe is off:
+    the API probes its runners itself."""
     return {
         "workers": workers,
         "traffic": {"timeout": timeout_s or settings.request_timeout_s},
@@ -35,6 +36,9 @@ def service_options(
         },
         "tracing": {"excluded_urls": [] if settings.trace_requests else routes},
         "logging": {"access": {"enabled": access_log}},
+        # the API caches its runners' readiness (runners/lifecycle.py RunnerProbe); BentoML's
+        # probe would call them on every /readyz, and wait up to 5 s for a dead one
+        "runner_probe": {"enabled": False},
     }
 
 

@@ -78,6 +78,7 @@ def test_exported_bento_serves_from_a_fresh_environment(demo_models, churn, tmp_
         "BENTOML_HOME": str(tmp_path / "empty-bentoml-home"),
         "BENTOML_DO_NOT_TRACK": "true",
         "OMP_NUM_THREADS": "1",
+        "SCORING_DRAIN_S": "0",  # stop at once
     }
     port = free_port()
     with (tmp_path / "serve.log").open("wb") as log:
