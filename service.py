@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import bentoml
 from fastapi import FastAPI, Header
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, JsonValue, ValidationError
 from pydantic_core import to_json
 from starlette.responses import JSONResponse, Response
 
 from configuration import (
     API_PREFIX,
+    REQUEST,
     DriftReport,
     ModelInfo,
     ModelRef,
@@ -38,7 +39,8 @@ from configuration.errors import (
     ScoringError,
     bearer_refusal,
 )
-from configuration.openapi import OpenAPIErrors
+from configuration.logs import redact_logs
+from configuration.openapi import OpenAPIDocument
 from configuration.policy import Decisions
 from runners.answers import predictions
 from runners.artifacts import served_model
@@ -54,31 +56,16 @@ if TYPE_CHECKING:
     from runners.tasks import Task
 
 LOG = logging.getLogger(__name__)
+redact_logs()  # every worker imports this module: no request content in any log line
 SETTINGS = get_settings()
 USE_CASE = current_use_case(SETTINGS)
-CONTRACT = contract_for(USE_CASE)
+CONTRACT = contract_for(USE_CASE, SETTINGS.explain_max_top_k, SETTINGS.max_batch_rows)
 Row = CONTRACT.Row
 PredictResponse = CONTRACT.PredictResponse
 PredictBatchResponse = CONTRACT.PredictBatchResponse
 MODEL_RUNNERS = {"xgboost": XGBoostRunner, "sklearn": SklearnRunner}
 SERVING_RUNNER = MODEL_RUNNERS[SETTINGS.model_flavor]
-BatchRows = Annotated[
-    list[dict[str, Any]],
-    Field(
-        description=f"Rows to score (at most {SETTINGS.max_batch_rows}), each a {Row.__name__}; "
-        "each row is validated on its own and an invalid row is reported by index.",
-        json_schema_extra={"items": Row.model_json_schema()},
-    ),
-]
-# The same rows, validated while the body is parsed (one pass in pydantic-core): a valid row
-# arrives as a Row, an invalid one as its dict, validated again on its own for its errors.
-RowOrInvalid = Annotated[Row | dict[str, Any], Field(union_mode="left_to_right")]  # type: ignore[valid-type]
-ParsedBatchRows = Annotated[list[RowOrInvalid], *BatchRows.__metadata__]
 
-TopK = Annotated[
-    int,
-    Field(ge=1, le=SETTINGS.explain_max_top_k, description="Features listed in the explanation."),
-]
 # the error statuses each route can answer, declared in the OpenAPI document (500 always)
 ROUTE_ERRORS: dict[str, dict[str, tuple[int, ...]]] = {
     f"{API_PREFIX}/predict": {"post": (400, 413, 429, 504)},
@@ -90,6 +77,12 @@ ROUTE_ERRORS: dict[str, dict[str, tuple[int, ...]]] = {
     f"{API_PREFIX}/tasks/{{task_id}}": {"get": (404, 429)},
     f"{API_PREFIX}/tasks/{{task_id}}/result": {"get": (404, 409, 429)},
     f"{API_PREFIX}/admin/routing": {"get": (401, 403, 404), "put": (400, 401, 403, 404, 503)},
+}
+# request and response models of BentoML's routes, published in place of what it infers
+ROUTE_BODIES = {
+    f"{API_PREFIX}/predict": (CONTRACT.PredictRequest, PredictResponse),
+    f"{API_PREFIX}/explain": (CONTRACT.ExplainRequest, PredictResponse),
+    f"{API_PREFIX}/predict_batch": (CONTRACT.PredictBatchRequest, PredictBatchResponse),
 }
 
 
@@ -103,9 +96,13 @@ info_app = FastAPI(title="scoring model info")
 
 
 class TaskRequest(BaseModel):
-    instances: BatchRows = Field(
-        description=f"Rows to score (at most {SETTINGS.task_max_rows}); validated one by one "
-        "when the task runs, invalid rows reported by index in the result."
+    model_config = REQUEST
+
+    instances: list[JsonValue] = Field(
+        description=f"Rows to score (at most {SETTINGS.task_max_rows}, else 413), each a "
+        f"{Row.__name__}; validated one by one when the task runs, invalid rows reported by "
+        "index in the result.",
+        json_schema_extra={"items": {"anyOf": [Row.model_json_schema(), {}]}},
     )
 
 
@@ -149,6 +146,7 @@ def json_response(body: dict[str, Any]) -> Response:
         SETTINGS,
         SETTINGS.api_workers,
         routes=[f"{API_PREFIX}/{r}" for r in ("predict", "predict_batch", "explain")],
+        access_log=False,  # ContractMiddleware writes one line per request, safe for PII
         # ContractMiddleware answers 504 at request_timeout_s; BentoML's timeout is a backstop
         timeout_s=SETTINGS.request_timeout_s + 5,
     ),
@@ -186,6 +184,13 @@ class Scoring:
         )
         self.routing_table = RoutingTable(self.tasks.engine)
         self._background: list[asyncio.Task[None]] = []
+        from runners import lifecycle
+
+        self.runner_probe = lifecycle.RunnerProbe(
+            lambda: {"preprocessor": self.preprocessor, "model": self.model}
+        )
+        self.draining = lifecycle.draining
+        lifecycle.start_worker(SETTINGS.drain_s)  # in a worker: exit with it, drain on SIGTERM
         gc.freeze()  # start-up objects are permanent: keep them out of every future collection
 
     @property
@@ -208,6 +213,7 @@ class Scoring:
             asyncio.create_task(worker.run()),
             asyncio.create_task(self._follow_routing_table()),
             asyncio.create_task(self._update_drift_gauges()),
+            asyncio.create_task(self.runner_probe.run()),
         ]
 
     @bentoml.on_shutdown
@@ -216,6 +222,15 @@ class Scoring:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self.tasks.close()
+
+    @bentoml.on_deployment
+    @staticmethod
+    def prepare_server_process() -> None:
+        """In the `bentoml serve` process, before its workers start: Ctrl-C stops them at
+        once (SIGTERM drains), the runners' sockets outlive the drain (runners/lifecycle.py)."""
+        from runners import lifecycle
+
+        lifecycle.prepare_server_process()
 
     async def _warm_up(self) -> None:
         """Score the use case's examples with every arm through the runners until the models
@@ -234,7 +249,8 @@ class Scoring:
         LOG.error("warm-up failed within %s s (%s): not ready", SETTINGS.warmup_timeout_s, problem)
 
     def __is_ready__(self) -> bool:
-        return self.ready
+        # warmed up, every runner answers (cached by RunnerProbe), and no SIGTERM yet
+        return self.ready and self.runner_probe.ready and not self.draining()
 
     async def _follow_routing_table(self) -> None:
         """Apply the routing an admin call stored (through this worker or another, or before a
@@ -273,12 +289,9 @@ class Scoring:
             "explanation_status": explanation_status,
         }
 
-    @bentoml.api(route=f"{API_PREFIX}/predict")
+    @bentoml.api(route=f"{API_PREFIX}/predict", input_spec=CONTRACT.PredictRequest)
     async def predict(
-        self,
-        instance: Row,  # type: ignore[valid-type]
-        explain: bool = False,
-        top_k: TopK = 5,
+        self, instance: Any, explain: bool = False, top_k: int = 5
     ) -> PredictResponse:  # type: ignore[valid-type]
         """Score one row; with `explain`, add the explanation if it fits the time budget."""
         started = time.perf_counter()
@@ -307,8 +320,8 @@ class Scoring:
         self.prediction_log.record(route, [row], [body["prediction"]], started)
         return json_response(body)
 
-    @bentoml.api(route=f"{API_PREFIX}/explain")
-    async def explain(self, instance: Row, top_k: TopK = 5) -> PredictResponse:  # type: ignore[valid-type]
+    @bentoml.api(route=f"{API_PREFIX}/explain", input_spec=CONTRACT.ExplainRequest)
+    async def explain(self, instance: Any, top_k: int = 5) -> PredictResponse:  # type: ignore[valid-type]
         """Score one row and explain the model's answer: per-feature contributions to its
         margin (TreeSHAP for XGBoost), top `top_k` first. 504 past the inference deadline, 503
         when the model cannot answer this row."""
@@ -327,8 +340,8 @@ class Scoring:
         body = self._response(row, scored, explanation=explanation, explanation_status="ok")
         return self._answer("explain", row, body, started)
 
-    @bentoml.api(route=f"{API_PREFIX}/predict_batch")
-    async def predict_batch(self, instances: ParsedBatchRows) -> PredictBatchResponse:  # type: ignore[valid-type]
+    @bentoml.api(route=f"{API_PREFIX}/predict_batch", input_spec=CONTRACT.PredictBatchRequest)
+    async def predict_batch(self, instances: list[Any]) -> PredictBatchResponse:  # type: ignore[valid-type]
         """Score a list of rows; results in request order, invalid rows reported by index."""
         if len(instances) > SETTINGS.max_batch_rows:
             return error_response(
@@ -377,7 +390,12 @@ class Scoring:
         }
 
     # ---- async tasks: durable, for requests too large to wait for ---------------------------
-    @info_app.post("/tasks", status_code=202, response_model=TaskInfo)
+    @info_app.post(
+        "/tasks",
+        status_code=202,
+        response_model=TaskInfo,
+        responses={200: {"model": TaskInfo, "description": "The task this Idempotency-Key names."}},
+    )
     async def submit_task(
         self,
         request: TaskRequest,
@@ -473,9 +491,12 @@ class Scoring:
         return JSONResponse(body)
 
 
-cast(Any, Scoring).add_asgi_middleware(OpenAPIErrors, path="/docs.json", errors=ROUTE_ERRORS)
+cast(Any, Scoring).add_asgi_middleware(
+    OpenAPIDocument, path="/docs.json", errors=ROUTE_ERRORS, bodies=ROUTE_BODIES
+)
 cast(Any, Scoring).add_asgi_middleware(  # a bentoml.Service at run time
     ContractMiddleware,
+    routes=ROUTE_ERRORS,
     prefix=API_PREFIX,
     max_body_bytes=SETTINGS.max_body_bytes,
     contract_version=USE_CASE.contract_version,

@@ -7,6 +7,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 from configuration.contract import (
     API_PREFIX,
+    REQUEST,
     Contract,
     DriftReport,
     ModelInfo,
@@ -38,6 +39,7 @@ def current_use_case(settings: Settings | None = None) -> UseCase:
 __all__ = [
     "API_PREFIX",
     "PROJECT_ROOT",
+    "REQUEST",
     "Contract",
     "DriftReport",
     "FeatureSpec",

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, create_model
 
 from configuration.policy import FallbackReason
 from configuration.use_case import FeatureSpec, UseCase
 
 API_PREFIX = "/v1"
+VERSION = r"^[1-9][0-9]{0,9}$"  # an MLflow registry version
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+# Request bodies: unknown top-level fields refused, no coercion ("yes" is not a boolean).
+REQUEST = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
 
 def _feature_field(spec: FeatureSpec, required: bool) -> tuple[Any, Any]:
@@ -78,10 +81,17 @@ class RoutingSpec(BaseModel):
     """The versions to serve: MLflow registry versions of the serving flavor, imported into
     the model store (the Bento packs the newest `packed_versions`)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        protected_namespaces=(),
+        json_schema_extra={"examples": [{"champion": "1"}]},
+    )
 
-    champion: str = Field(description="Registry version that answers.")
-    challenger: str | None = Field(None, description="Registry version of the challenger.")
+    champion: str = Field(pattern=VERSION, description="Registry version that answers.")
+    challenger: str | None = Field(
+        None, pattern=VERSION, description="Registry version of the challenger."
+    )
     mode: Literal["off", "split", "shadow"] = "off"
     share: float = Field(0.0, ge=0, le=1, description="Share of keys for the challenger (split).")
 
@@ -158,10 +168,16 @@ class RowError(BaseModel):
     details: list[dict[str, Any]] = Field(default_factory=list)
 
 
+def _no_text_or_bool(value: Any) -> Any:
+    if isinstance(value, str | bool):
+        raise ValueError("Input should be a valid integer")
+    return value
+
+
 class Contract:
     """The request and response models of one use case, built once and cached."""
 
-    def __init__(self, use_case: UseCase) -> None:
+    def __init__(self, use_case: UseCase, max_top_k: int = 50, max_batch_rows: int = 1000) -> None:
         self.use_case = use_case
         title = "".join(part.capitalize() for part in use_case.name.split("_"))
         fields: dict[str, Any] = {}
@@ -256,14 +272,53 @@ class Contract:
             model=(ModelRef, ...),
             contract_version=(int, ...),
         )
+        top_k: Any = (
+            Annotated[int, BeforeValidator(_no_text_or_bool)],
+            Field(
+                5,
+                ge=1,
+                le=max_top_k,
+                strict=False,  # JSON Schema's integer: 14.0 is one, "14" and true are not
+                description="Features listed in the explanation.",
+            ),
+        )
+        instance: Any = (self.Row, Field(description="The row to score."))
+        self.PredictRequest: type[BaseModel] = create_model(
+            f"{title}PredictRequest",
+            __config__=REQUEST,
+            instance=instance,
+            explain=(
+                bool,
+                Field(False, description="Add the explanation if it fits the time budget."),
+            ),
+            top_k=top_k,
+        )
+        self.ExplainRequest: type[BaseModel] = create_model(
+            f"{title}ExplainRequest", __config__=REQUEST, instance=instance, top_k=top_k
+        )
+        # Any JSON value is accepted as an item: each is validated on its own, and one that is
+        # not a valid row (not even an object) is reported by index while its neighbours score.
+        item: Any = Annotated[self.Row | JsonValue, Field(union_mode="left_to_right")]
+        self.PredictBatchRequest: type[BaseModel] = create_model(
+            f"{title}PredictBatchRequest",
+            __config__=REQUEST,
+            instances=(
+                list[item],
+                Field(
+                    description=f"Rows to score (at most {max_batch_rows}, else 413), each a "
+                    f"{self.Row.__name__}; a row that is not valid is reported by index in "
+                    "`errors` and its neighbours are scored."
+                ),
+            ),
+        )
 
 
-_CONTRACTS: dict[tuple[str, str], Contract] = {}
+_CONTRACTS: dict[tuple[str, str, int, int], Contract] = {}
 
 
-def contract_for(use_case: UseCase) -> Contract:
-    """The contract of a use case, built once per use case file content."""
-    cache_key = (use_case.name, use_case.source_sha256)
+def contract_for(use_case: UseCase, max_top_k: int = 50, max_batch_rows: int = 1000) -> Contract:
+    """The contract of a use case, built once per use case file content and limits."""
+    cache_key = (use_case.name, use_case.source_sha256, max_top_k, max_batch_rows)
     if cache_key not in _CONTRACTS:
-        _CONTRACTS[cache_key] = Contract(use_case)
+        _CONTRACTS[cache_key] = Contract(use_case, max_top_k, max_batch_rows)
     return _CONTRACTS[cache_key]

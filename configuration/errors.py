@@ -7,6 +7,9 @@ import asyncio
 import hmac
 import json
 import logging
+import re
+import time
+import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -14,6 +17,7 @@ from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LOG = logging.getLogger(__name__)
+ACCESS = logging.getLogger("scoring.access")
 CODES = {
     400: "invalid_input",
     401: "unauthorized",
@@ -121,15 +125,37 @@ def normalise(status: int, payload: Any) -> dict[str, Any]:
             for item in payload["detail"][:MAX_DETAILS]
         ]
         return envelope(status, _validation_message(details), details)
-    message = payload.get("error") if isinstance(payload, dict) else None
+    message = None
+    if isinstance(payload, dict):  # ours or BentoML's "error", FastAPI's "detail"
+        message = next((v for v in (payload.get("error"), payload.get("detail")) if v), None)
     return envelope(status, str(message or HTTPStatus(status).phrase))
+
+
+RouteTable = dict[str, dict[str, Any]]  # path template -> {method: ...}, as in the OpenAPI
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+QUIET_PATHS = frozenset(("/livez", "/readyz", "/healthz", "/metrics"))
+JSON_TYPES = (b"application/json",)
+
+
+def request_id(scope: Scope) -> bytes:
+    """The caller's `X-Request-ID` when it is a plain token (letters, digits, `._:-`, at most
+    64), else a new one: it names the request in the log line and the response."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id" and REQUEST_ID.fullmatch(value):
+            return bytes(value)
+    return uuid.uuid4().hex.encode()
 
 
 class ContractMiddleware:
     """For routes under `prefix`: answer 429 beyond `max_concurrency` requests in progress (in
-    this worker), refuse bodies over `max_body_bytes` with 413 before anything parses them
-    (chunked bodies included), answer 504 after `timeout_s` (the handler is cancelled), and give
-    every error response our JSON shape with the contract version.
+    this worker), 405 with `Allow` for a method a known route does not take, 415 for a body that
+    is not `application/json`, 413 for bodies over `max_body_bytes` before anything parses them
+    (chunked bodies included), 504 after `timeout_s` (the handler is cancelled), and give every
+    error response our JSON shape with the contract version.
+
+    Every request (probes and metrics aside) gets an `X-Request-ID` and exactly one access log
+    line: method, route template (never the raw path or query, which may carry personal data),
+    status, error code, milliseconds, request id. BentoML's own access log is turned off.
 
     The limit and the timeout are enforced here rather than with BentoML's `traffic` options:
     those run outside every user middleware, so their 429 and 504 bodies could not be given
@@ -145,6 +171,7 @@ class ContractMiddleware:
         max_concurrency: int,
         timeout_s: float,
         body_limits: dict[str, int] | None = None,
+        routes: RouteTable | None = None,
     ) -> None:
         self.app = app
         self.prefix = prefix
@@ -154,29 +181,69 @@ class ContractMiddleware:
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.in_flight = 0
+        if ACCESS.level == logging.NOTSET:  # BentoML leaves non-bentoml loggers at WARNING
+            ACCESS.setLevel(logging.INFO)
+        self.routes = [
+            (re.compile(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "$"), path, methods)
+            for path, methods in (routes or {}).items()
+        ]
+
+    def route_of(self, path: str) -> tuple[str, tuple[str, ...] | None]:
+        """(the route template to log, the methods it takes: None when unknown)."""
+        for pattern, template, methods in self.routes:
+            if pattern.match(path):
+                return template, tuple(m.upper() for m in methods)
+        if path.startswith(self.prefix):
+            return f"{self.prefix}/<unknown>", None
+        head, _, rest = path[1:].partition("/")
+        return "/" + head[:40] + ("/..." if rest else ""), None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+        if scope["type"] != "http" or scope["path"] in QUIET_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_concurrency:
-            await self._error(send, 429, "too many requests in progress: retry later")
-            return
-        self.in_flight += 1
+        started = time.perf_counter()
+        rid = request_id(scope)
+        route, methods = self.route_of(scope["path"])
+        sender = _ErrorRewriter(send, self.contract_version, rid)
         try:
-            await self._handle(scope, receive, send)
+            if not scope["path"].startswith(self.prefix):
+                await self.app(scope, receive, sender)
+            elif methods is not None and scope["method"] not in methods:
+                allow = ", ".join(methods).encode()
+                await sender.error(405, f"{scope['method']} is not allowed here", allow)
+            elif self.in_flight >= self.max_concurrency:
+                await sender.error(429, "too many requests in progress: retry later")
+            else:
+                self.in_flight += 1
+                try:
+                    await self._handle(scope, receive, sender)
+                finally:
+                    self.in_flight -= 1
         finally:
-            self.in_flight -= 1
+            status = sender.status
+            ACCESS.log(
+                logging.ERROR if status >= 500 else logging.INFO,
+                "%s %s %d %s %.1fms rid=%s",
+                scope["method"],
+                route,
+                status,
+                sender.code,
+                (time.perf_counter() - started) * 1000,
+                rid.decode(),
+            )
 
-    async def _error(self, send: Send, status: int, message: str) -> None:
-        body = {**envelope(status, message), "contract_version": self.contract_version}
-        await _send_json(send, status, body)
-
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: _ErrorRewriter) -> None:
         max_bytes = self.body_limits.get(scope["path"], self.max_body_bytes)
-        body = await self._read_body(scope, receive, max_bytes)
+        if _declared_length(scope) > max_bytes:
+            await send.error(413, f"request body exceeds {max_bytes} bytes")
+            return
+        if scope["method"] in ("POST", "PUT", "PATCH") and not _is_json(scope):
+            await send.error(415, "the body must be JSON: send Content-Type: application/json")
+            return
+        body = await self._read_body(receive, max_bytes)
         if body is None:
-            await self._error(send, 413, f"request body exceeds {max_bytes} bytes")
+            await send.error(413, f"request body exceeds {max_bytes} bytes")
             return
         replayed = False
 
@@ -187,18 +254,15 @@ class ContractMiddleware:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        rewriter = _ErrorRewriter(send, self.contract_version)
         try:
-            await asyncio.wait_for(self.app(scope, replay, rewriter), self.timeout_s)
+            await asyncio.wait_for(self.app(scope, replay, send), self.timeout_s)
         except TimeoutError:
             LOG.warning("%s not answered within %s s", scope["path"], self.timeout_s)
-            if not rewriter.started:
-                await self._error(send, 504, f"not answered within {self.timeout_s} s")
+            if not send.started:
+                await send.error(504, f"not answered within {self.timeout_s} s")
 
-    async def _read_body(self, scope: Scope, receive: Receive, max_bytes: int) -> bytes | None:
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
-                return None
+    async def _read_body(self, receive: Receive, max_bytes: int) -> bytes | None:
+        """The body, or None once it exceeds `max_bytes` (chunked bodies included)."""
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -214,21 +278,51 @@ class ContractMiddleware:
         return b"".join(chunks)
 
 
-class _ErrorRewriter:
-    """An ASGI `send` that buffers error responses and rewrites their bodies."""
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length" and value.isdigit():
+            return int(value)
+    return 0
 
-    def __init__(self, send: Send, contract_version: int) -> None:
+
+def _is_json(scope: Scope) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() in JSON_TYPES
+    return False
+
+
+class _ErrorRewriter:
+    """An ASGI `send` that adds the request id, buffers error responses and rewrites their
+    bodies into our shape, and remembers the status and error code for the access line."""
+
+    def __init__(self, send: Send, contract_version: int, rid: bytes) -> None:
         self.send = send
         self.contract_version = contract_version
+        self.rid = rid
         self.started = False  # a response has begun: too late for another one
         self.start: Message | None = None
         self.chunks: list[bytes] = []
+        self.status = 0  # 0: no response was sent (the client went away)
+        self.code = "-"
+
+    async def error(self, status: int, message: str, allow: bytes | None = None) -> None:
+        """Answer with our error shape."""
+        self.started = True
+        body = {**envelope(status, message), "contract_version": self.contract_version}
+        await self._send_json(status, body, [(b"allow", allow)] if allow else [])
 
     async def __call__(self, message: Message) -> None:
         self.started = True
-        if message["type"] == "http.response.start" and message["status"] >= 400:
-            self.start = message
-            return
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            if self.status >= 400:
+                self.start = message
+                return
+            message = {
+                **message,
+                "headers": [*message.get("headers", ()), (b"x-request-id", self.rid)],
+            }
         if self.start is None or message["type"] != "http.response.body":
             await self.send(message)
             return
@@ -243,29 +337,28 @@ class _ErrorRewriter:
         except ValueError:
             payload = None
         body = {**normalise(status, payload), "contract_version": self.contract_version}
-        if status >= 500:
-            LOG.error("masked %s response: %s", status, payload)
         headers = [
             (k, v)
             for k, v in self.start.get("headers", [])
             if k.lower() not in (b"content-length", b"content-type")
         ]
-        await _send_json(self.send, status, body, headers)
+        await self._send_json(status, body, headers)
 
-
-async def _send_json(
-    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    data = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                *(headers or []),
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data, "more_body": False})
+    async def _send_json(
+        self, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        self.status, self.code = status, body["error"]["code"]
+        data = json.dumps(body).encode()
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    *headers,
+                    (b"x-request-id", self.rid),
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+            }
+        )
+        await self.send({"type": "http.response.body", "body": data, "more_body": False})

@@ -1,6 +1,9 @@
-"""The OpenAPI document tells the truth about errors: BentoML publishes its own error schemas
-(which do not match what is sent) and none for 413, 429, 503 or 504. `declare_errors` replaces
-them, on our routes, with the one error shape we send and the statuses each route can answer."""
+"""The OpenAPI document tells the truth. BentoML publishes a 3.0.2 document whose schemas drop
+`null` from optional fields (so every plain /v1/predict answer violated it), marks no request
+body required, and declares its own error schemas (which do not match what is sent) and none
+for 405, 413, 415, 429, 503 or 504. `publish` rewrites it: OpenAPI 3.1 (whose schemas are the
+JSON Schema pydantic writes), our request and response models on BentoML's routes, every body
+required, the one error shape we send with the statuses each route can answer."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from http import HTTPStatus
 from typing import Any
 
 from pydantic import BaseModel, Field
+from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from configuration.errors import CODES
@@ -21,6 +25,7 @@ WHEN = {
     404: "No such resource (admin routes: also when no admin token is configured).",
     409: "The resource is not in a state that allows this (e.g. a task not finished).",
     413: "The body or the number of rows is over the limit.",
+    415: "The body is not JSON: send `Content-Type: application/json`.",
     429: "The service is at its concurrency limit: retry later.",
     500: "An internal error; logged, never detailed in the response.",
     503: "The model cannot answer this request now.",
@@ -41,9 +46,54 @@ class ErrorResponse(BaseModel):
     contract_version: int
 
 
+Bodies = dict[str, tuple[type[BaseModel], type[BaseModel]]]  # path -> (request, response)
+
+
+def publish(
+    spec: dict[str, Any], errors: dict[str, dict[str, tuple[int, ...]]], bodies: Bodies
+) -> None:
+    """Patch BentoML's `spec` in place into the document we publish (module docstring)."""
+    spec["openapi"] = "3.1.0"
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    models = [
+        (m, mode)
+        for req, res in bodies.values()
+        for m, mode in ((req, "validation"), (res, "serialization"))
+    ]
+    refs, definitions = models_json_schema(models, ref_template=SCHEMA_REF)  # type: ignore[arg-type]
+    schemas.update(definitions.get("$defs", {}))
+    for path, (request, response) in bodies.items():
+        operation = spec["paths"][path]["post"]
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": refs[(request, "validation")]}},
+        }
+        others = {str(k): v for k, v in operation.get("responses", {}).items() if str(k) != "200"}
+        ok = {"application/json": {"schema": refs[(response, "serialization")]}}
+        operation["responses"] = {"200": {"description": "OK", "content": ok}, **others}
+    for methods in spec["paths"].values():
+        for operation in methods.values():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                operation["requestBody"]["required"] = True
+    declare_errors(spec, errors)
+    used = json.dumps(spec["paths"])
+    pending = {name for name in schemas if f'"{SCHEMA_REF.format(model=name)}"' in used}
+    kept: set[str] = set()
+    while pending:  # every schema a route reaches, directly or through another schema
+        name = pending.pop()
+        kept.add(name)
+        text = json.dumps(schemas[name])
+        pending |= {
+            n for n in schemas if n not in kept and f'"{SCHEMA_REF.format(model=n)}"' in text
+        }
+    for name in set(schemas) - kept:
+        del schemas[name]
+
+
 def declare_errors(spec: dict[str, Any], errors: dict[str, dict[str, tuple[int, ...]]]) -> None:
     """Patch `spec` in place: for each path and method in `errors`, the 4xx/5xx responses are
-    exactly the statuses listed (plus 500), each with the `ErrorResponse` schema."""
+    exactly the statuses listed (plus 500, and 415 where there is a body), each with the
+    `ErrorResponse` schema."""
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     for name, schema in ErrorResponse.model_json_schema(ref_template=SCHEMA_REF)["$defs"].items():
         schemas[name] = schema
@@ -60,7 +110,8 @@ def declare_errors(spec: dict[str, Any], errors: dict[str, dict[str, tuple[int, 
                 for code, response in operation.get("responses", {}).items()
                 if int(code) < 400
             }
-            for status in sorted({*statuses, 500}):
+            body = {415} if "requestBody" in operation else set()
+            for status in sorted({*statuses, *body, 500}):
                 responses[str(status)] = {
                     "description": f"{HTTPStatus(status).phrase}. {WHEN[status]}",
                     "content": {
@@ -70,22 +121,28 @@ def declare_errors(spec: dict[str, Any], errors: dict[str, dict[str, tuple[int, 
                     },
                 }
             operation["responses"] = responses
-    for unused in ("HTTPValidationError", "ValidationError"):
-        if unused in schemas and unused not in json.dumps(spec["paths"]):
-            del schemas[unused]
 
 
-class OpenAPIErrors:
-    """ASGI middleware: the served OpenAPI document (`path`) passed through `declare_errors`."""
+class OpenAPIDocument:
+    """ASGI middleware: the served OpenAPI document (`path`) passed through `publish`, and the
+    Swagger page (BentoML's, at `/`) also at `/docs`, where users look for it."""
 
     def __init__(
-        self, app: ASGIApp, *, path: str, errors: dict[str, dict[str, tuple[int, ...]]]
+        self,
+        app: ASGIApp,
+        *,
+        path: str,
+        errors: dict[str, dict[str, tuple[int, ...]]],
+        bodies: Bodies,
     ) -> None:
         self.app = app
         self.path = path
         self.errors = errors
+        self.bodies = bodies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in ("/docs", "/docs/"):
+            scope = {**scope, "path": "/", "raw_path": b"/"}
         if scope["type"] != "http" or scope["path"] != self.path:
             await self.app(scope, receive, send)
             return
@@ -103,7 +160,7 @@ class OpenAPIErrors:
             body = b"".join(chunks)
             if start.get("status") == 200:
                 spec = json.loads(body)
-                declare_errors(spec, self.errors)
+                publish(spec, self.errors, self.bodies)
                 body = json.dumps(spec).encode()
             headers = [
                 (k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"

@@ -4,10 +4,10 @@ import json
 
 import service
 from configuration import API_PREFIX
-from configuration.openapi import declare_errors
+from configuration.openapi import publish
 from contracts import snapshot_of
 
 spec = service.Scoring.openapi_spec.asdict()
-declare_errors(spec, service.ROUTE_ERRORS)
+publish(spec, service.ROUTE_ERRORS, service.ROUTE_BODIES)
 use_case = service.USE_CASE
 print(json.dumps(snapshot_of(spec, API_PREFIX, use_case.name, use_case.contract_version)))

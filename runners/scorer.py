@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import numpy as np
@@ -20,6 +20,7 @@ from bentoml.exceptions import ServiceUnavailable
 from configuration import Settings, UseCase
 from configuration.drift import SCORE, DriftWindow
 from configuration.policy import Decisions, FallbackReason, decide
+from configuration.signing import SignatureError
 from runners import metrics
 from runners.answers import Explainer
 from runners.artifacts import verified_file
@@ -62,6 +63,7 @@ class Scorer:
         self.shadow_counts: dict[tuple[str, str], list[int]] = {}  # (agreed, compared)
         self.histogram_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.metric_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._declare_fallbacks(routing)
 
     @property
     def deadline_s(self) -> float:
@@ -135,6 +137,13 @@ class Scorer:
         )
         for labels, count in fallen.items():
             self._child(metrics.fallbacks(), labels).inc(count)
+
+    def _declare_fallbacks(self, routing: Routing) -> None:
+        """Every fallback reason of every arm is exported from the start (at 0): a rate or an
+        alert over `scoring_fallbacks_total` needs the series before the first fallback."""
+        for arm in [routing.champion, *([routing.challenger] if routing.challenger else [])]:
+            for reason in get_args(FallbackReason):
+                self._child(metrics.fallbacks(), (reason, arm.name, arm.model_version))
 
     def _observe(self, rows: list[dict[str, Any]], decisions: Decisions) -> None:
         """Per-row metrics: predictions summed per label set first, histogram children cached
@@ -248,6 +257,7 @@ class Scorer:
         if routing.champion != self.routing.champion:
             self.drift = self._drift_window(routing)
             self.drift_pending, self.drift_pending_rows = [], 0
+        self._declare_fallbacks(routing)
         self.routing = routing
         return routing, time.perf_counter() - started
 
@@ -258,7 +268,13 @@ class Scorer:
         model = routing.champion.model
         if not self.settings.monitoring or "reference" not in model.info.metadata:
             return None
-        reference = json.loads(verified_file(model, "reference").read_text())
+        try:
+            reference = json.loads(verified_file(model, "reference").read_text())
+        except SignatureError as exc:
+            # the runners refuse this model too, so the warm-up never passes: this worker stays
+            # up to answer /readyz 503 (and say why) instead of exiting at start-up
+            LOG.error("no drift window: %s", exc)
+            return None
         score = reference["scores"][self.settings.model_flavor]
         return DriftWindow(self.use_case, reference, score, self.settings.drift_window_rows)
 
@@ -304,15 +320,17 @@ class Scorer:
         if self.drift is None:
             return {**base, "status": "unavailable"}
         self._flush_drift()
+        rows = self.drift.window_rows
+        if rows < settings.drift_min_rows:
+            # PSI over a few rows is noise (2-8 after 4 requests): no values, no gauges, so
+            # that an alert on the gauge never fires on a fresh server
+            return {**base, "status": "insufficient_data", "window_rows": rows}
         values = self.drift.values()
         for name, value in values.items():
             metrics.drift_psi().labels(name, champion.model_version).set(value)
         score = values.pop(SCORE)
-        rows = self.drift.window_rows
         worst = max([score, *values.values()])
-        if rows < settings.drift_min_rows:
-            status = "insufficient_data"
-        elif worst >= settings.drift_psi_alert:
+        if worst >= settings.drift_psi_alert:
             status = "drift"
         elif worst >= settings.drift_psi_warning:
             status = "warning"

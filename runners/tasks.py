@@ -351,7 +351,8 @@ class TaskWorker:
         try:
             instances = json.loads(payload)
             bodies = []
-            for start in range(0, len(instances), self.chunk_rows):
+            # a task of 0 rows is scored once too: its result is predict_batch's empty answer
+            for start in range(0, len(instances), self.chunk_rows) or [0]:
                 bodies.append(await self.score(instances[start : start + self.chunk_rows]))
                 await asyncio.to_thread(self.store.renew, task_id)
             result = merge(bodies, self.chunk_rows)

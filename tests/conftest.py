@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -22,12 +23,25 @@ TEST_ENV = {
     "SCORING_MLFLOW_TRACKING_URI": f"sqlite:///{SESSION_DIR / 'mlflow.db'}",
     "SCORING_MLFLOW_ARTIFACT_ROOT": str(SESSION_DIR / "mlartifacts"),
     "SCORING_TASK_DATABASE_URL": f"sqlite:///{SESSION_DIR / 'tasks.db'}",
+    "SCORING_MODEL_SIGNING_KEY": str(SESSION_DIR / "signing" / "model-signing.pem"),
     "SCORING_DEMO_ROWS": "4000",
     "SCORING_XGB_N_ESTIMATORS": "60",
     "OMP_NUM_THREADS": "1",
+    "SCORING_DRAIN_S": "0",  # test servers stop at once on SIGTERM (test_e2e_shutdown drains)
 }
 os.environ.update(TEST_ENV)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def _session_signing_key() -> None:
+    """Imports (here and in the CLI processes tests start) sign with a key of this session
+    instead of generating one in the checkout."""
+    from configuration.signing import default_signing_key
+
+    default_signing_key(Path(TEST_ENV["SCORING_MODEL_SIGNING_KEY"]).parent)
+
+
+_session_signing_key()
 
 PROJECT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -134,30 +148,25 @@ def start_process(
         )
 
 
-@pytest.fixture(scope="session")
-def server(demo_models, tmp_path_factory) -> Iterator[str]:
-    """A real `bentoml serve` process on a free port; its base URL."""
+@contextlib.contextmanager
+def serving(log: Path, env: dict[str, str] | None = None, timeout_s: float = 120) -> Iterator[str]:
+    """A real `bentoml serve` of the service on a free port, its output in `log`; its base URL.
+    Stopped (SIGTERM, then SIGKILL) on exit."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    process = start_process(
-        [
-            sys.executable,
-            "-m",
-            "bentoml",
-            "serve",
-            "service:Scoring",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        log,
-    )
+    args = ["-m", "bentoml", "serve", "service:Scoring", "--host", "127.0.0.1", "--port"]
+    process = start_process([sys.executable, *args, str(port)], log, env)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{base}/readyz", process, timeout_s=120)
+        wait_for_http(f"{base}/readyz", process, timeout_s=timeout_s)
         yield base
     finally:
         stop(process)
         if os.environ.get("SCORING_TEST_SHOW_LOGS"):
             print(log.read_text()[-5000:])
+
+
+@pytest.fixture(scope="session")
+def server(demo_models, tmp_path_factory) -> Iterator[str]:
+    """A real `bentoml serve` process on a free port; its base URL."""
+    with serving(tmp_path_factory.mktemp("serve") / "serve.log") as base:
+        yield base

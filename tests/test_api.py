@@ -19,6 +19,7 @@ from runners.batching import isolate_failures
 from .conftest import PROJECT
 
 PREDICT = "/v1/predict"
+CONTRACT_VERSION = 3
 BATCH = "/v1/predict_batch"
 
 
@@ -36,7 +37,7 @@ def assert_error(response, status: int, code: str, mentions: str = "") -> dict:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error", "contract_version"}
-    assert body["contract_version"] == 2
+    assert body["contract_version"] == CONTRACT_VERSION
     assert set(body["error"]) == {"code", "message", "details"}
     assert body["error"]["code"] == code
     assert mentions in body["error"]["message"]
@@ -66,7 +67,7 @@ class TestPredict:
             "flavor": "xgboost",
             "bento_tag": str(demo_models["xgboost"].tag),
         }
-        assert body["contract_version"] == 2
+        assert body["contract_version"] == CONTRACT_VERSION
         contract_for(churn).PredictResponse.model_validate(body)
 
     def test_probabilities_equal_the_model_on_the_encoded_row(self, client, row, churn):
@@ -170,9 +171,13 @@ class TestPredictBatch:
         response = client.post(BATCH, json={"instances": [row] * (cap + 1)})
         assert_error(response, 413, "payload_too_large", f"cap of {cap}")
 
-    def test_instances_must_be_a_list_of_objects(self, client, row):
+    def test_instances_must_be_a_list_and_an_item_not_an_object_is_reported_by_index(
+        self, client, row
+    ):
         assert_error(client.post(BATCH, json={"instances": row}), 400, "invalid_input", "instances")
-        assert_error(client.post(BATCH, json={"instances": [1]}), 400, "invalid_input")
+        body = client.post(BATCH, json={"instances": [1, row]}).json()
+        assert body["predictions"][0] is None and body["predictions"][1] is not None
+        assert [error["index"] for error in body["errors"]] == [0]
 
     def test_empty_batch_returns_no_predictions(self, client):
         response = client.post(BATCH, json={"instances": []})

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from configuration import API_PREFIX, get_settings, load_use_case
-from configuration.openapi import declare_errors
+from configuration.openapi import publish
 from contracts import current, differences, path_for, snapshot_of
 
 from .conftest import PROJECT
@@ -40,13 +40,16 @@ def test_a_changed_contract_without_a_version_bump_fails_the_check(tmp_path):
         {"name": "referrals", "type": "numeric", "min": 0, "max": 50, "description": "Referrals."}
     )
     (tmp_path / "churn.yaml").write_text(yaml.safe_dump(raw))
-    changed = differences(json.loads(path_for("churn", 2).read_text()), current("churn", tmp_path))
+    version = raw["contract_version"]
+    changed = differences(
+        json.loads(path_for("churn", version).read_text()), current("churn", tmp_path)
+    )
     assert "/schemas/ChurnRow/properties/referrals: added" in changed
     for args in ([], ["--write"]):
         result = contracts_command(tmp_path, *args)
         assert result.returncode == 1, result.stdout + result.stderr
         assert "Bump contract_version in churn.yaml" in result.stderr
-    assert json.loads(path_for("churn", 2).read_text())["contract_version"] == 2
+    assert json.loads(path_for("churn", version).read_text())["contract_version"] == version
 
 
 def contracts_command(use_case_dir, *args: str, contracts_dir=None):
@@ -73,27 +76,29 @@ def contracts_command(use_case_dir, *args: str, contracts_dir=None):
 
 def test_a_version_bump_is_recorded_as_a_new_file(tmp_path):
     raw = yaml.safe_load((get_settings().use_case_dir / "churn.yaml").read_text())
-    raw["contract_version"] = 2
+    raw["contract_version"] += 1
+    bumped = raw["contract_version"]
     (tmp_path / "churn.yaml").write_text(yaml.safe_dump(raw))
     result = contracts_command(tmp_path, "--write", contracts_dir=tmp_path / "c")
     assert result.returncode == 0, result.stderr
-    recorded = json.loads((tmp_path / "c" / "churn" / "v2.json").read_text())
-    assert recorded["contract_version"] == 2
+    recorded = json.loads((tmp_path / "c" / "churn" / f"v{bumped}.json").read_text())
+    assert recorded["contract_version"] == bumped
 
 
 class TestServedOpenAPI:
     def test_the_served_document_is_the_committed_contract(self, api_client, churn):
         spec = api_client.get("/docs.json").json()
         served = snapshot_of(spec, API_PREFIX, churn.name, churn.contract_version)
-        assert not differences(json.loads(path_for("churn", 2).read_text()), served)
+        recorded = json.loads(path_for("churn", churn.contract_version).read_text())
+        assert not differences(recorded, served)
 
     @pytest.mark.parametrize(
         ("path", "method", "statuses"),
         [
-            ("/v1/predict", "post", {"400", "413", "429", "500", "504"}),
-            ("/v1/predict_batch", "post", {"400", "413", "429", "500", "504"}),
-            ("/v1/explain", "post", {"400", "413", "429", "500", "503", "504"}),
-            ("/v1/tasks", "post", {"400", "409", "413", "429", "500", "504"}),
+            ("/v1/predict", "post", {"400", "413", "415", "429", "500", "504"}),
+            ("/v1/predict_batch", "post", {"400", "413", "415", "429", "500", "504"}),
+            ("/v1/explain", "post", {"400", "413", "415", "429", "500", "503", "504"}),
+            ("/v1/tasks", "post", {"400", "409", "413", "415", "429", "500", "504"}),
             ("/v1/tasks/{task_id}/result", "get", {"404", "409", "429", "500"}),
         ],
     )
@@ -109,7 +114,7 @@ class TestServedOpenAPI:
         body = spec["components"]["schemas"]["ErrorBody"]
         assert set(body["properties"]) == {"code", "message", "details"}
 
-    def test_declare_errors_drops_bentomls_own_error_schemas(self):
+    def test_publish_drops_bentomls_own_error_schemas(self):
         spec = {
             "paths": {
                 "/v1/x": {
@@ -124,6 +129,6 @@ class TestServedOpenAPI:
             },
             "components": {"schemas": {"HTTPValidationError": {}}},
         }
-        declare_errors(spec, {"/v1/x": {"post": (400, 413)}})
+        publish(spec, {"/v1/x": {"post": (400, 413)}}, {})
         assert sorted(spec["paths"]["/v1/x"]["post"]["responses"]) == ["200", "400", "413", "500"]
         assert "HTTPValidationError" not in spec["components"]["schemas"]

@@ -86,3 +86,62 @@ def test_psi_is_zero_for_the_same_distribution_and_grows_with_the_shift():
     expected = [0.25, 0.25, 0.25, 0.25]
     assert psi(expected, np.array([25, 25, 25, 25])) == pytest.approx(0.0)
     assert 0 < psi(expected, np.array([30, 25, 25, 20])) < psi(expected, np.array([70, 10, 10, 10]))
+
+
+def fresh_scorer(local_scorer, monkeypatch):
+    """A new Scorer over the in-process runners, its metrics in a registry of its own."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+
+    from runners import metrics
+    from runners.scorer import Scorer
+
+    registry = CollectorRegistry()
+    gauge = Gauge("scoring_drift_psi", "", ["feature", "model_version"], registry=registry)
+    counter = Counter(
+        "scoring_fallbacks", "", ["reason", "arm", "model_version"], registry=registry
+    )
+    monkeypatch.setattr(metrics, "drift_psi", lambda: gauge)
+    monkeypatch.setattr(metrics, "fallbacks", lambda: counter)
+    scorer = Scorer(
+        local_scorer.settings, local_scorer.use_case, local_scorer.runners, local_scorer.routing
+    )
+    return scorer, registry
+
+
+def test_no_drift_value_and_no_gauge_before_the_window_holds_min_rows(
+    local_scorer, churn, monkeypatch
+):
+    """A fresh server listed every feature as drifting (PSI 2-8 after 4 requests) and exported
+    those gauges, so that an alert on PSI > 0.25 fired on every start."""
+    import asyncio
+
+    scorer, registry = fresh_scorer(local_scorer, monkeypatch)
+    rows = customers(churn, 4, seed=3)
+    asyncio.run(scorer.decide(rows))
+    report = scorer.drift_report()
+    assert report["status"] == "insufficient_data"
+    assert report["window_rows"] == 4 and report["min_rows"] == 500
+    assert report["features"] == {} and report["drifting"] == [] and report["score"] is None
+    assert not [s for m in registry.collect() if m.name == "scoring_drift_psi" for s in m.samples]
+
+    asyncio.run(scorer.decide(customers(churn, 600, seed=4)))
+    report = scorer.drift_report()
+    assert report["status"] == "ok" and report["window_rows"] == 604
+    assert set(report["features"]) == set(churn.model_feature_names)
+    gauges = [s for m in registry.collect() if m.name == "scoring_drift_psi" for s in m.samples]
+    assert len(gauges) == len(churn.model_feature_names) + 1  # and the score's
+
+
+def test_every_fallback_reason_is_exported_at_zero_from_the_start(local_scorer, monkeypatch):
+    from typing import get_args
+
+    from configuration.policy import FallbackReason
+
+    _scorer, registry = fresh_scorer(local_scorer, monkeypatch)
+    totals = {
+        s.labels["reason"]: s.value
+        for m in registry.collect()
+        for s in m.samples
+        if s.name == "scoring_fallbacks_total" and s.labels["arm"] == "champion"
+    }
+    assert totals == dict.fromkeys(get_args(FallbackReason), 0.0)

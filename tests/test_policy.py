@@ -275,6 +275,8 @@ class TestReadiness:
         instance = service.Scoring.inner.__new__(service.Scoring.inner)
         instance.ready = False
         instance.scorer = SimpleNamespace(warm=warm, routing=None)
+        instance.runner_probe = SimpleNamespace(ready=True)  # every runner answers
+        instance.draining = lambda: False
         return instance
 
     def test_the_started_service_is_ready(self, client):
@@ -311,6 +313,9 @@ def test_unknown_encoded_columns_are_refused(churn):
         "age",
         "plan_tier",
     ]
+
+
+JSON = {"content-type": "application/json"}
 
 
 class TestLimits:
@@ -384,8 +389,8 @@ class TestLimits:
             body_limits={"/v1/slow": 5000},
         )
         with TestClient(limited) as client:
-            assert client.post("/v1/slow", content=b"1" * 2000).status_code == 200
-            assert client.post("/v1/slow", content=b"1" * 6000).status_code == 413
+            assert client.post("/v1/slow", content=b"1" * 2000, headers=JSON).status_code == 200
+            assert client.post("/v1/slow", content=b"1" * 6000, headers=JSON).status_code == 413
 
 
 def test_rules_on_columns_match_rules_row_by_row(churn, rows):
