@@ -13,7 +13,8 @@ from pydantic import BaseModel, Field, JsonValue, ValidationError
 from pydantic_core import to_json
 from starlette.responses import JSONResponse, Response
 
-from configuration import (
+from api.answers import predictions
+from api.contract import (
     API_PREFIX,
     REQUEST,
     DriftReport,
@@ -26,10 +27,8 @@ from configuration import (
     StoredModel,
     TaskInfo,
     contract_for,
-    current_use_case,
-    get_settings,
 )
-from configuration.errors import (
+from api.errors import (
     Conflict,
     ContractMiddleware,
     InferenceFailed,
@@ -39,21 +38,21 @@ from configuration.errors import (
     ScoringError,
     bearer_refusal,
 )
+from api.openapi import OpenAPIDocument
+from api.prediction_log import PredictionLog
+from api.routing import Routing, RoutingError, initial_routing
+from api.scorer import Runners, Scorer
+from configuration import current_use_case, get_settings
 from configuration.logs import redact_logs
-from configuration.openapi import OpenAPIDocument
 from configuration.policy import Decisions
-from runners.answers import predictions
 from runners.artifacts import served_model
 from runners.batching import service_options
-from runners.prediction_log import PredictionLog
 from runners.preprocessor import Preprocessor
-from runners.routing import Routing, RoutingError, initial_routing
-from runners.scorer import Runners, Scorer
 from runners.sklearn_runner import SklearnRunner
 from runners.xgboost_runner import XGBoostRunner
 
 if TYPE_CHECKING:
-    from runners.tasks import Task
+    from api.tasks import Task
 
 LOG = logging.getLogger(__name__)
 redact_logs()  # every worker imports this module: no request content in any log line
@@ -172,9 +171,10 @@ class Scoring:
         self.scorer = Scorer(SETTINGS, USE_CASE, self.runner_calls, routing)
         self.prediction_log = PredictionLog(SETTINGS, USE_CASE)
         self.ready = False
-        # runners.tasks (and SQLAlchemy, ~0.1 s of import) only where the API worker needs it:
+        # api.tasks (and SQLAlchemy, ~0.1 s of import) only where the API worker needs it:
         # every worker imports this module, and the runner workers start faster without it
-        from runners.tasks import RoutingTable, TaskStore
+        from api.routing_table import RoutingTable
+        from api.tasks import TaskStore
 
         self.tasks = TaskStore(
             SETTINGS.task_database_url,
@@ -200,7 +200,7 @@ class Scoring:
     # ---- background work: warm-up (readiness), async tasks, routing set by admin calls -------
     @bentoml.on_startup
     async def start_background_work(self) -> None:
-        from runners.tasks import TaskWorker
+        from api.tasks import TaskWorker
 
         worker = TaskWorker(
             self.tasks,
@@ -406,7 +406,7 @@ class Scoring:
         if len(request.instances) > SETTINGS.task_max_rows:
             message = f"{len(request.instances)} rows exceed the cap of {SETTINGS.task_max_rows}"
             return error_response(PayloadTooLarge(message))
-        from runners.tasks import IdempotencyConflict
+        from api.tasks import IdempotencyConflict
 
         payload = to_json(request.instances)
         try:

@@ -19,7 +19,7 @@ IMPORT_PROBE = """
 import sys
 import service
 assert service.__file__.startswith(sys.argv[1]), service.__file__
-for name in ("training", "tests", "benchmarks"):
+for name in ("training", "batch", "tests", "benchmarks"):
     try:
         __import__(name)
     except ModuleNotFoundError:
@@ -75,8 +75,8 @@ def check_sources(bento: bentoml.Bento) -> list[str]:
     src = Path(bento.path_of("src"))
     sources = {p.name for p in src.iterdir()}
     problems = []
-    if sources & {"training", "tests", "benchmarks"}:
-        problems.append(f"the Bento ships training, tests or benchmarks: {sorted(sources)}")
+    if sources & {"training", "batch", "tests", "benchmarks"}:
+        problems.append(f"the Bento ships training, batch, tests or benchmarks: {sorted(sources)}")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     probe = subprocess.run(
         [sys.executable, "-c", IMPORT_PROBE, str(src)],

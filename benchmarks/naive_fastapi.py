@@ -14,7 +14,8 @@ import skops.io
 import xgboost as xgb
 from fastapi import FastAPI
 
-from configuration import contract_for, current_use_case, get_settings
+from api.contract import contract_for
+from configuration import current_use_case, get_settings
 from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
 
 SETTINGS = get_settings()

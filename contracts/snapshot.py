@@ -3,8 +3,8 @@
 import json
 
 import service
-from configuration import API_PREFIX
-from configuration.openapi import publish
+from api.contract import API_PREFIX
+from api.openapi import publish
 from contracts import snapshot_of
 
 spec = service.Scoring.openapi_spec.asdict()

@@ -74,11 +74,11 @@ def api_client(demo_models):
 @pytest.fixture(scope="session")
 def local_scorer(demo_models):
     """The API's Scorer over in-process runner instances (no HTTP, no batching)."""
+    from api.routing import initial_routing
+    from api.scorer import Runners, Scorer
     from configuration import current_use_case, get_settings
     from runners.artifacts import served_model
     from runners.preprocessor import Preprocessor
-    from runners.routing import initial_routing
-    from runners.scorer import Runners, Scorer
     from runners.xgboost_runner import XGBoostRunner
 
     preprocessor, model = Preprocessor.inner(), XGBoostRunner.inner()

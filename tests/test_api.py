@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from configuration import contract_for
+from api.contract import contract_for
 from runners.batching import isolate_failures
 
 from .conftest import PROJECT

@@ -23,7 +23,7 @@ from sqlalchemy import DateTime, create_engine, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from training.batch import BatchError, resolve_models, run
+from batch.scoring import BatchError, resolve_models, run
 from training.data import generate_churn
 
 from .conftest import IN_CI, PROJECT
@@ -262,7 +262,7 @@ def kill_mid_run_then_resume(
     args = [
         sys.executable,
         "-m",
-        "training",
+        "batch",
         "score",
         "--input",
         str(source),
@@ -356,3 +356,19 @@ def test_killed_and_resumed_job_writes_each_row_exactly_once_postgres(
         with connect(postgres_url, begin=True) as conn:
             conn.execute(text(f'DROP TABLE IF EXISTS "{table}", "{table}_rejects"'))
             conn.execute(text("DELETE FROM scoring_jobs WHERE output_table = :t"), {"t": table})
+
+
+def test_the_old_training_score_command_still_scores_with_a_deprecation_warning(models, tmp_path):
+    source = tmp_path / "few.csv"
+    generate_churn(20, seed=5).to_csv(source, index=False)
+    url = f"sqlite:///{tmp_path / 'alias.db'}"
+    run = subprocess.run(
+        [sys.executable, "-m", "training", "score", "--input", str(source), "--output-db", url],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "deprecated" in run.stderr and "python -m batch score" in run.stderr
+    assert json.loads(run.stdout)["rows_scored"] == 20

@@ -11,8 +11,9 @@ import sys
 import pytest
 import yaml
 
-from configuration import API_PREFIX, get_settings, load_use_case
-from configuration.openapi import publish
+from api.contract import API_PREFIX
+from api.openapi import publish
+from configuration import get_settings, load_use_case
 from contracts import current, differences, path_for, snapshot_of
 
 from .conftest import PROJECT

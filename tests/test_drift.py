@@ -92,8 +92,8 @@ def fresh_scorer(local_scorer, monkeypatch):
     """A new Scorer over the in-process runners, its metrics in a registry of its own."""
     from prometheus_client import CollectorRegistry, Counter, Gauge
 
-    from runners import metrics
-    from runners.scorer import Scorer
+    from api import metrics
+    from api.scorer import Scorer
 
     registry = CollectorRegistry()
     gauge = Gauge("scoring_drift_psi", "", ["feature", "model_version"], registry=registry)

@@ -145,11 +145,12 @@ def test_training_against_a_remote_mlflow_server(mlflow_server, tmp_path):
 
 def test_the_grafana_dashboard_queries_metrics_the_service_exports(server, churn):
     """Every metric a panel of deploy/grafana-dashboard.json queries is one the service
-    exports: BentoML's as seen on a real /metrics, ours as runners/metrics.py defines them."""
+    exports: BentoML's as seen on a real /metrics, ours as api/metrics.py and runners/metrics.py
+    define them."""
     import json
     import re
 
-    from runners import metrics
+    from api import metrics
 
     httpx.post(f"{server}/v1/predict", json={"instance": dict(churn.examples[0])}, timeout=30)
     exported = {

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from runners.routing import bucket
+from api.routing import bucket
 
 from .conftest import PROJECT, SESSION_DIR
 from .test_e2e_production import metric_total, rows, serving

@@ -178,7 +178,7 @@ def test_every_request_has_one_access_line_without_content_and_a_request_id(
 def test_a_logged_traceback_keeps_frames_and_types_not_messages_that_may_hold_input(churn):
     from pydantic import ValidationError
 
-    from configuration import contract_for
+    from api.contract import contract_for
     from runners.artifacts import IntegrityError
 
     def fail() -> None:

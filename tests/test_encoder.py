@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from batch.scoring import validate_chunk
 from configuration import UseCase
 from runners.encoder import Encoder
-from training.batch import validate_chunk
 from training.data import generate_churn
 from training.encoder_compiler import (
     NotCompilable,

@@ -12,11 +12,11 @@ import pytest
 from bentoml.exceptions import ServiceUnavailable
 
 import service
+from api.coalescing import Coalescer
+from api.scorer import Scorer
 from configuration import UseCaseError
 from configuration.policy import decide
 from configuration.use_case import FallbackSpec
-from runners.coalescing import Coalescer
-from runners.scorer import Scorer
 from training.data import generate_churn
 
 PREDICT, BATCH, EXPLAIN = "/v1/predict", "/v1/predict_batch", "/v1/explain"
@@ -326,7 +326,7 @@ class TestLimits:
         from starlette.responses import JSONResponse
         from starlette.routing import Route
 
-        from configuration.errors import ContractMiddleware
+        from api.errors import ContractMiddleware
 
         async def slow(request):
             await asyncio.sleep(delay)
@@ -376,7 +376,7 @@ class TestLimits:
     def test_a_route_can_have_its_own_body_limit(self):
         from starlette.testclient import TestClient
 
-        from configuration.errors import ContractMiddleware
+        from api.errors import ContractMiddleware
 
         app = self.app(delay=0)
         limited = ContractMiddleware(

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from api.prediction_log import PredictionLog
 from configuration import get_settings
-from runners.prediction_log import PredictionLog
 
 from .test_e2e_production import serving, wait_for_status
 

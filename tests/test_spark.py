@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import text
 
-from training.batch import resolve_models, run
+from batch.scoring import resolve_models, run
 from training.data import generate_churn
 
 from .conftest import IN_CI
@@ -21,7 +21,7 @@ def spark():
         if IN_CI:
             pytest.fail("java is not installed: the Spark test cannot run")
         pytest.skip("java is not installed (Spark needs Java 17); CI requires it")
-    from training.spark import local_session
+    from batch.spark import local_session
 
     session = local_session("scoring-tests")
     yield session
@@ -29,8 +29,8 @@ def spark():
 
 
 def test_spark_scores_equal_the_single_machine_job(demo_models, churn, spark, tmp_path):
+    from batch.spark import score_frame
     from configuration import get_settings
-    from training.spark import score_frame
 
     frame = generate_churn(5000, seed=17).drop(columns=["churned"]).astype(object)
     frame.loc[4, "age"] = 3

@@ -9,7 +9,7 @@ import time
 import pytest
 from sqlalchemy import create_engine, text
 
-from runners.tasks import IdempotencyConflict, TaskStore, merge
+from api.tasks import IdempotencyConflict, TaskStore, merge
 
 from .conftest import IN_CI
 from .test_batch import POSTGRES_URL

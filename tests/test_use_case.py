@@ -10,7 +10,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from configuration import contract_for, load_use_case
+from api.contract import contract_for
+from configuration import load_use_case
 from configuration.settings import USE_CASE_DIR
 from configuration.use_case import UseCaseError
 

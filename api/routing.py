@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 import bentoml
 
-from configuration import ModelRef, Settings
+from api.contract import ModelRef
+from configuration import Settings
 from runners.artifacts import find_version, imports
 
 ARM = "__arm"  # the key under which a row carries the Arm that answers it

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from configuration.errors import CODES
+from api.errors import CODES
 
 SCHEMA_REF = "#/components/schemas/{model}"
 WHEN = {

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from api.routing import ARM
 from configuration import UseCase
 from configuration.policy import NO_LABEL, Decisions
-from runners.routing import ARM
 
 
 def predictions(

@@ -6,7 +6,8 @@ claims a task with a lease it renews while it works; a task whose worker died is
 once its lease has expired, at most `max_attempts` times, then marked failed. Finished tasks and
 their results are deleted `retention_s` after they were submitted. Submitting again with the
 same idempotency key returns the existing task (a different payload under the same key is a
-conflict). The routing an admin call set lives in the same database (`RoutingTable`).
+conflict). The routing an admin call set lives in the same database
+(`api/routing_table.py`).
 
 Only the API worker needs this module (and SQLAlchemy): `service.py` imports it where the API
 worker uses it, so that the runner workers, which import `service.py` too, start faster.
@@ -33,9 +34,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
     delete,
-    event,
     insert,
     or_,
     select,
@@ -43,6 +42,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
+
+from configuration.database import database_engine
 
 LOG = logging.getLogger(__name__)
 PURGE_EVERY_S = 60.0
@@ -88,22 +89,6 @@ def now() -> datetime:
 def _aware(value: datetime) -> datetime:
     """SQLite gives naive datetimes back: they were stored in UTC."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.close()
-
-
-def database_engine(url: str, **options: Any) -> Engine:
-    """An SQLAlchemy engine for `url`; on SQLite in WAL mode (readers never block the writer)
-    with a busy timeout. The task store and the batch job's sink share it."""
-    engine = create_engine(url, **options)
-    if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
 
 
 class TaskStore:
@@ -374,34 +359,3 @@ def merge(bodies: list[dict[str, Any]], chunk_rows: int) -> dict[str, Any]:
             error = error if isinstance(error, dict) else error.model_dump()
             merged["errors"].append({**error, "index": error["index"] + number * chunk_rows})
     return merged
-
-
-class RoutingTable:
-    """The routing an admin call set, shared by the API workers (and replicas on a shared
-    database) and kept across restarts: one row in `scoring_routing`."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine  # the task store's: one pool and the same SQLite settings
-        metadata = MetaData()
-        self.table = Table(
-            "scoring_routing",
-            metadata,
-            Column("id", Integer, primary_key=True),
-            Column("spec", Text, nullable=False),
-            Column("updated_at", DateTime(timezone=True), nullable=False),
-        )
-        metadata.create_all(self.engine)
-
-    def read(self) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            spec = conn.execute(select(self.table.c.spec).where(self.table.c.id == 1)).scalar()
-        return None if spec is None else dict(json.loads(spec))
-
-    def write(self, spec: dict[str, Any]) -> None:
-        values = {"spec": json.dumps(spec, sort_keys=True), "updated_at": datetime.now(UTC)}
-        with self.engine.begin() as conn:
-            updated = conn.execute(
-                self.table.update().where(self.table.c.id == 1).values(**values)
-            ).rowcount
-            if not updated:
-                conn.execute(self.table.insert().values(id=1, **values))

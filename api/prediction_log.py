@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic_core import to_json
 
+from api.routing import ARM
 from configuration import Settings, UseCase
-from runners.routing import ARM
 
 LOGGER = "scoring.predictions"
 

@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from runners.tasks import database_engine
+from configuration.database import database_engine
 
 JOBS_TABLE = "scoring_jobs"
 PREDICTION_COLUMNS = (

@@ -1,8 +1,8 @@
 """The batch scoring function on Apache Spark (`mapInPandas`), for inputs beyond one machine.
 
-Each Spark task loads the same stored preprocessor and model as `training.batch` (from the
+Each Spark task loads the same stored preprocessor and model as `batch.scoring` (from the
 BentoML store, which executors must be able to read: local disk in local mode, a shared or
-exported store on a cluster) and scores its partition with `training.batch.score_chunk`. pyspark
+exported store on a cluster) and scores its partition with `batch.scoring.score_chunk`. pyspark
 is an optional extra: `pip install -r requirements/spark.txt`.
 """
 
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from batch.scoring import ScoringModels, resolve_models, score_chunk
 from configuration import PROJECT_ROOT, UseCase, load_use_case
-from training.batch import ScoringModels, resolve_models, score_chunk
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession

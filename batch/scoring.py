@@ -1,6 +1,6 @@
 """Batch scoring: a file or SQL query scored in process, chunk by chunk, with the very
 preprocessing and model the online service loads from the BentoML store, into a database table,
-exactly once and resumable (`python -m training score`)."""
+exactly once and resumable (`python -m batch score`)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batch.sink import SCORE_SCHEMA, ScoredChunk, Sink, now
 from configuration import UseCase
 from configuration.policy import decide
 from runners.preprocessor import load_compiled, load_encoder
-from training.batch_sink import SCORE_SCHEMA, ScoredChunk, Sink, now
 
 TRUE_VALUES = {True, "true", "True", "TRUE", "1"}  # True == 1, so the number 1 is in too
 FALSE_VALUES = {False, "false", "False", "FALSE", "0"}

@@ -17,15 +17,15 @@ import httpx
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
+from api import metrics
+from api.answers import Explainer
+from api.coalescing import Coalescer
+from api.routing import ARM, Arm, Routing, routing_from_spec
 from configuration import Settings, UseCase
 from configuration.drift import SCORE, DriftWindow
 from configuration.policy import Decisions, FallbackReason, decide
 from configuration.signing import SignatureError
-from runners import metrics
-from runners.answers import Explainer
 from runners.artifacts import verified_file
-from runners.coalescing import Coalescer
-from runners.routing import ARM, Arm, Routing, routing_from_spec
 
 LOG = logging.getLogger(__name__)
 DRIFT_BATCH_ROWS = 256  # rows buffered before they are binned into the drift window

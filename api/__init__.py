@@ -1,0 +1,1 @@
+"""The API worker: its HTTP contract and edge, scoring through the runners, tasks and monitoring."""

@@ -1,0 +1,25 @@
+"""The one way to open a database: SQLAlchemy engines for the task queue, the routing table and
+the batch sink (SQLite by default, PostgreSQL by URL)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def database_engine(url: str, **options: Any) -> Engine:
+    """An SQLAlchemy engine for `url`; on SQLite in WAL mode (readers never block the writer)
+    with a busy timeout. The task store, the routing table and the batch sink open theirs here."""
+    engine = create_engine(url, **options)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
