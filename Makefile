@@ -6,15 +6,18 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK := true
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo serve run test lint build image image-test image-run bench
+.PHONY: help setup setup-app demo serve run test test-all lint build image image-test image-run bench
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-setup: ## Create .venv and install the locked dependencies (serving + training + dev)
+setup: ## Create .venv with every locked dependency: serving, training, spark, dev tools
+	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/setup dev
+
+setup-app: ## Create .venv with only what training and serving need (the first command)
 	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/setup
 
-demo: setup ## Train the demo (churn), promote through the gates, import into the BentoML store
+demo: setup-app ## Train the demo (churn), promote through the gates, import into the BentoML store
 	$(BIN)/python -m training demo
 
 serve: ## Serve the imported models on http://127.0.0.1:$(PORT)
@@ -22,7 +25,10 @@ serve: ## Serve the imported models on http://127.0.0.1:$(PORT)
 
 run: demo serve ## The README's first command: set up, train the demo, serve it on :3000
 
-test: setup ## The README's second command: the whole test suite
+test: setup ## The fast lane: every test that starts no process (about a minute)
+	$(BIN)/python -m pytest -m "not process"
+
+test-all: setup ## The README's second command: the whole test suite (what CI runs)
 	$(BIN)/python -m pytest
 
 lint: setup ## ruff + mypy
@@ -31,12 +37,12 @@ lint: setup ## ruff + mypy
 build: ## bentoml build (models pinned) from the current BentoML store
 	$(BIN)/bentoml build
 
-# IMAGE_BACKEND, BASE_IMAGE (or =local), EXTRA_CA_CERTS, IMAGE_TAG: README "Container image"
+# IMAGE_BACKEND, BASE_IMAGE (or =local), EXTRA_CA_CERTS, IMAGE_TAG: docs/container.md
 BENTO ?= scoring:latest
-image: ## Lint the Dockerfile and build the container image of $(BENTO) (packaging/image.sh)
+image: setup ## Lint the Dockerfile and build the container image of $(BENTO) (packaging/image.sh)
 	PYTHON=$(BIN)/python bash packaging/image.sh build $(BENTO)
 
-image-test: ## Prove an image serves: IMAGE=<tag> make image-test (or build and test one)
+image-test: setup ## Prove an image serves: IMAGE=<tag> make image-test (or build and test one)
 	SCORING_TEST_IMAGE=$(IMAGE) $(BIN)/python -m pytest -m image tests/test_image.py
 
 image-run: ## Run IMAGE (default: the image of $(BENTO)) on http://127.0.0.1:$(PORT)

@@ -3,7 +3,7 @@
 Each Spark task loads the same stored preprocessor and model as `batch.scoring` (from the
 BentoML store, which executors must be able to read: local disk in local mode, a shared or
 exported store on a cluster) and scores its partition with `batch.scoring.score_chunk`. pyspark
-is an optional extra: `pip install -r requirements/spark.txt`.
+is an optional extra, in the dev lock: `bash .ci/setup dev` (requirements/dev.txt).
 """
 
 from __future__ import annotations

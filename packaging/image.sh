@@ -6,7 +6,7 @@
 #   packaging/image.sh env             print the backend and the container CLI to run images with
 #                                      (and podman's CONTAINERS_CONF): eval "$(packaging/image.sh env)"
 #
-# Settings (environment; README "Container image"):
+# Settings (environment; docs/container.md):
 #   IMAGE_BACKEND   docker | podman | buildah. Default: docker if its daemon answers, else podman.
 #   BASE_IMAGE      an image that holds the Bento's Python. Default: the Bento's own
 #                   (docker.io/library/python:<version>-slim) if it can be pulled, else `local`.
@@ -184,7 +184,7 @@ print(bento.tag, bento.path, docker.python_version)
 EOF
   ) || die "no usable Bento $bento"
   hadolint="$BIN/hadolint"
-  [ -x "$hadolint" ] || hadolint=$(command -v hadolint) || die "hadolint not found (bash .ci/setup installs it)"
+  [ -x "$hadolint" ] || hadolint=$(command -v hadolint) || die "hadolint not found (bash .ci/setup dev installs it)"
   "$hadolint" --failure-threshold error "$bento_path/env/docker/Dockerfile"
   log "hadolint: no errors in $bento_path/env/docker/Dockerfile"
 

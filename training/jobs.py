@@ -50,10 +50,11 @@ def promote(
     """Promote each flavor through its gates; returns flavor -> promoted registry version."""
     use_case, _ = use_case_of(settings, name)
     registry.configure(settings, use_case)
+    client = registry.client_for(settings)
     return {
         flavor: str(
             registry.promote(
-                use_case, flavor, source_alias=source_alias, target_alias=target_alias
+                client, use_case, flavor, source_alias=source_alias, target_alias=target_alias
             ).version
         )
         for flavor in flavors

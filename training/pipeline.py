@@ -59,7 +59,7 @@ def evaluate(use_case: UseCase, y_true: np.ndarray, probabilities: np.ndarray) -
     n_classes = len(use_case.target.classes)
     metrics = {
         "log_loss": float(log_loss(y_true, probabilities, labels=list(range(n_classes)))),
-        "accuracy": float(accuracy_score(y_true, use_case.decide(probabilities))),
+        "accuracy": float(accuracy_score(y_true, use_case.labels_for(probabilities))),
     }
     if use_case.task == "binary":
         metrics["roc_auc"] = float(roc_auc_score(y_true, probabilities[:, 1]))

@@ -27,6 +27,7 @@ from mlflow.models import Model as MLflowModel
 from mlflow.models import ModelSignature
 
 from configuration import Settings, UseCase, UseCaseError
+from configuration.digests import sha256_of
 from configuration.signing import sign_model_dir, signing_key
 from runners.artifacts import SKOPS_TRUSTED_TYPES
 from training.encoder_compiler import NotCompilable, check_parity, compile_encoder
@@ -35,6 +36,7 @@ from training.registry import (
     PREPROCESSOR,
     REFERENCE_ARTIFACT,
     VERSION_TAG_PREPROCESSOR,
+    client_for,
     download,
     resolve,
 )
@@ -47,14 +49,6 @@ ENCODER_FILE = "encoder.json"
 
 class SignatureMismatch(UseCaseError):
     """A registered model's MLflow signature disagrees with the use case schema."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _columns(schema: Any) -> list[tuple[str, str]]:
@@ -109,7 +103,7 @@ def _save(
     `signer`; re-importing the same file re-creates it so that `:latest` points at the most recent
     import. `extra_files` maps a metadata key to (file name, content); each gets `<key>_sha256`."""
     source = source_dir / MODEL_FILES[component]
-    digest = sha256_file(source)
+    digest = sha256_of(source)
     tag = f"{use_case.registered_name(component)}:v{version}-{digest[:12]}"
     with contextlib.suppress(bentoml.exceptions.NotFound):
         bentoml.models.delete(tag)
@@ -157,9 +151,10 @@ def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str,
     imported: dict[str, bentoml.Model] = {}
     flavors = sorted(FLAVORS, key=lambda flavor: flavor == settings.model_flavor)
     signer = signing_key(settings)
+    client = client_for(settings)
     with tempfile.TemporaryDirectory(prefix="scoring-import-") as scratch:
         for flavor in flavors:
-            version = resolve(use_case, flavor, alias)
+            version = resolve(client, use_case, flavor, alias)
             preprocessor_version = version.tags[VERSION_TAG_PREPROCESSOR]
             pre_dir = download(use_case, PREPROCESSOR, preprocessor_version, Path(scratch) / "p")
             model_dir = download(use_case, flavor, str(version.version), Path(scratch) / flavor)
@@ -169,7 +164,7 @@ def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str,
                 MLflowModel.load(str(model_dir / "MLmodel")).signature,
             )
             assert version.run_id is not None
-            run = mlflow.MlflowClient().get_run(version.run_id)
+            run = client.get_run(version.run_id)
             lineage = {
                 "use_case": use_case.name,
                 "alias": alias,
@@ -179,7 +174,7 @@ def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str,
                 "use_case_sha256": run.data.tags.get("use_case_sha256", ""),
                 "classes": list(use_case.target.classes),
                 "feature_names": feature_names,
-                "tracking_uri": mlflow.get_tracking_uri(),
+                "tracking_uri": settings.mlflow_tracking_uri,
                 "imported_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             pre = _save(
