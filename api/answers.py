@@ -8,15 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from api.routing import ARM
+from api.routing import Arm
 from configuration import UseCase
 from configuration.policy import NO_LABEL, Decisions
 
 
 def predictions(
-    use_case: UseCase, rows: Sequence[dict[str, Any]], decisions: Decisions
+    use_case: UseCase, rows: Sequence[dict[str, Any]], decisions: Decisions, arms: Sequence[Arm]
 ) -> list[dict[str, Any]]:
-    """One `Prediction` dict per row (the contract tests validate them against the model)."""
+    """One `Prediction` dict per row, answered by its arm (the contract tests validate them
+    against the model)."""
     classes = use_case.target.classes
     probabilities = decisions.probabilities
     has_probabilities = ~np.isnan(probabilities).any(axis=1)
@@ -30,11 +31,12 @@ def predictions(
             "confidence": None if confidence != confidence else confidence,  # NaN: no answer
             "source": "model" if reason is None else "fallback",
             "fallback_reason": reason,
-            "arm": row[ARM].name,
-            "model_version": row[ARM].model_version,
+            "arm": arm.name,
+            "model_version": arm.model_version,
         }
-        for row, label, p, known, score, confidence, reason in zip(
+        for row, arm, label, p, known, score, confidence, reason in zip(
             rows,
+            arms,
             decisions.labels.tolist(),
             probabilities.tolist(),
             has_probabilities.tolist(),

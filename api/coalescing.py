@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-Rows = list[dict[str, Any]]
+Rows = list[Any]  # the items of a request: (row, arm) pairs for the scorer
 
 
 class Coalescer:

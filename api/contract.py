@@ -4,13 +4,34 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, create_model
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    create_model,
+)
 
 from configuration.policy import FallbackReason
 from configuration.use_case import FeatureSpec, UseCase
 
 API_PREFIX = "/v1"
 VERSION = r"^[1-9][0-9]{0,9}$"  # an MLflow registry version
+# the error statuses each route can answer, declared in the OpenAPI document (500 always, 415
+# wherever there is a body) and the methods ContractMiddleware allows on each path
+ROUTE_ERRORS: dict[str, dict[str, tuple[int, ...]]] = {
+    f"{API_PREFIX}/predict": {"post": (400, 413, 429, 504)},
+    f"{API_PREFIX}/predict_batch": {"post": (400, 413, 429, 504)},
+    f"{API_PREFIX}/explain": {"post": (400, 413, 429, 503, 504)},
+    f"{API_PREFIX}/model": {"get": (429,)},
+    f"{API_PREFIX}/drift": {"get": (429,)},
+    f"{API_PREFIX}/tasks": {"post": (400, 409, 413, 429, 504)},
+    f"{API_PREFIX}/tasks/{{task_id}}": {"get": (404, 429)},
+    f"{API_PREFIX}/tasks/{{task_id}}/result": {"get": (404, 409, 429)},
+    f"{API_PREFIX}/admin/routing": {"get": (401, 403, 404), "put": (400, 401, 403, 404, 503)},
+}
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 # Request bodies: unknown top-level fields refused, no coercion ("yes" is not a boolean).
 REQUEST = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
@@ -61,6 +82,21 @@ class StoredModel(BaseModel):
     sha256: str = Field(description="SHA-256 of the model file, verified before loading.")
     imported_at: str
     metrics: dict[str, float] = Field(default_factory=dict, description="Held-out metrics.")
+
+    @classmethod
+    def of(cls, model: Any) -> StoredModel:
+        """The lineage of a `bentoml.Model` as its import recorded it."""
+        labels, metadata = model.info.labels, model.info.metadata
+        return cls(
+            bento_tag=str(model.tag),
+            registered_name=labels["registered_name"],
+            registered_version=labels["registered_version"],
+            alias=labels["alias"],
+            run_id=labels["run_id"],
+            sha256=metadata["sha256"],
+            imported_at=metadata["imported_at"],
+            metrics=metadata.get("metrics", {}),
+        )
 
 
 class RoutingInfo(BaseModel):
@@ -177,7 +213,13 @@ def _no_text_or_bool(value: Any) -> Any:
 class Contract:
     """The request and response models of one use case, built once and cached."""
 
-    def __init__(self, use_case: UseCase, max_top_k: int = 50, max_batch_rows: int = 1000) -> None:
+    def __init__(
+        self,
+        use_case: UseCase,
+        max_top_k: int = 50,
+        max_batch_rows: int = 1000,
+        max_task_rows: int = 100_000,
+    ) -> None:
         self.use_case = use_case
         title = "".join(part.capitalize() for part in use_case.name.split("_"))
         fields: dict[str, Any] = {}
@@ -312,13 +354,62 @@ class Contract:
             ),
         )
 
+        self.TaskRequest: type[BaseModel] = create_model(
+            "TaskRequest",
+            __config__=REQUEST,
+            instances=(
+                list[JsonValue],
+                Field(
+                    description=f"Rows to score (at most {max_task_rows}, else 413), each a "
+                    f"{self.Row.__name__}; validated one by one when the task runs, invalid "
+                    "rows reported by index in the result.",
+                    json_schema_extra={"items": {"anyOf": [self.Row.model_json_schema(), {}]}},
+                ),
+            ),
+        )
 
-_CONTRACTS: dict[tuple[str, str, int, int], Contract] = {}
+    def route_bodies(self) -> dict[str, tuple[type[BaseModel], type[BaseModel]]]:
+        """Request and response models of BentoML's routes, published in place of what it
+        infers."""
+        return {
+            f"{API_PREFIX}/predict": (self.PredictRequest, self.PredictResponse),
+            f"{API_PREFIX}/explain": (self.ExplainRequest, self.PredictResponse),
+            f"{API_PREFIX}/predict_batch": (self.PredictBatchRequest, self.PredictBatchResponse),
+        }
+
+    def validate_rows(
+        self, instances: list[Any]
+    ) -> tuple[list[tuple[int, dict[str, Any]]], list[RowError]]:
+        """Each item on its own: ([(index, row)] of the valid ones, the errors of the others).
+        An item already parsed as a Row (with the request body) is valid; any other value is
+        validated alone, so that its errors name its fields, and never its neighbours'."""
+        valid: list[tuple[int, dict[str, Any]]] = []
+        errors: list[RowError] = []
+        for index, raw in enumerate(instances):
+            if isinstance(raw, self.Row):
+                valid.append((index, dict(raw.__dict__)))  # flat: no model_dump walk
+                continue
+            try:
+                valid.append((index, dict(self.Row.model_validate(raw).__dict__)))
+            except ValidationError as exc:
+                details = exc.errors(include_url=False, include_input=False, include_context=False)
+                message = "; ".join(
+                    f"{'.'.join(str(p) for p in d['loc']) or 'row'}: {d['msg']}" for d in details
+                )
+                errors.append(
+                    RowError(index=index, code="invalid_input", message=message, details=details)
+                )
+        return valid, errors
 
 
-def contract_for(use_case: UseCase, max_top_k: int = 50, max_batch_rows: int = 1000) -> Contract:
+_CONTRACTS: dict[tuple[str, str, int, int, int], Contract] = {}
+
+
+def contract_for(
+    use_case: UseCase, max_top_k: int = 50, max_batch_rows: int = 1000, max_task_rows: int = 100_000
+) -> Contract:
     """The contract of a use case, built once per use case file content and limits."""
-    cache_key = (use_case.name, use_case.source_sha256, max_top_k, max_batch_rows)
+    cache_key = (use_case.name, use_case.source_sha256, max_top_k, max_batch_rows, max_task_rows)
     if cache_key not in _CONTRACTS:
-        _CONTRACTS[cache_key] = Contract(use_case, max_top_k, max_batch_rows)
+        _CONTRACTS[cache_key] = Contract(use_case, max_top_k, max_batch_rows, max_task_rows)
     return _CONTRACTS[cache_key]

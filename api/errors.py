@@ -14,6 +14,8 @@ from http import HTTPStatus
 from typing import Any
 
 from pydantic import SecretStr
+from pydantic_core import to_json
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LOG = logging.getLogger(__name__)
@@ -83,6 +85,23 @@ class InferenceTimeout(ScoringError):
     """The runners did not answer within the deadline."""
 
     status = HTTPStatus.GATEWAY_TIMEOUT
+
+
+def error_response(error: ScoringError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def json_response(body: dict[str, Any]) -> Response:
+    """A response body (the shape of the route's declared response model) serialised by
+    pydantic-core and sent as is: BentoML's own response path builds a TypeAdapter and a JSON
+    schema on every request, and response models cost a validation per prediction."""
+    return Response(to_json(body), media_type="application/json")
+
+
+def admin_refusal(authorization: str | None, token: SecretStr | None) -> JSONResponse | None:
+    """None when `authorization` carries the admin token; else the error to answer."""
+    refused = bearer_refusal(authorization, token)
+    return None if refused is None else error_response(refused)
 
 
 def bearer_refusal(authorization: str | None, token: SecretStr | None) -> ScoringError | None:

@@ -14,7 +14,6 @@ from typing import Any
 
 from pydantic_core import to_json
 
-from api.routing import ARM
 from configuration import Settings, UseCase
 
 LOGGER = "scoring.predictions"
@@ -44,8 +43,6 @@ class PredictionLog:
         """The row as it may be logged: personal data dropped, or hashed with the key."""
         out = {}
         for name, value in row.items():
-            if name == ARM:
-                continue
             if name in self.pii:
                 if self.hash_key is None or value is None:
                     continue

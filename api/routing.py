@@ -13,11 +13,10 @@ from typing import Any, Literal
 
 import bentoml
 
-from api.contract import ModelRef
-from configuration import Settings
-from runners.artifacts import find_version, imports
+from api.contract import ModelInfo, ModelRef, RoutingInfo, StoredModel
+from configuration import Settings, UseCase
+from runners.artifacts import find_version, imports, newest_import, preprocessor_of
 
-ARM = "__arm"  # the key under which a row carries the Arm that answers it
 ArmName = Literal["champion", "challenger"]
 Mode = Literal["off", "split", "shadow"]
 
@@ -62,6 +61,10 @@ class Routing:
             "share": self.share,
         }
 
+    def arms(self) -> list[Arm]:
+        """The arms that serve: the champion, and the challenger if there is one."""
+        return [self.champion, *([self.challenger] if self.challenger else [])]
+
     def assign(self, keys: list[Any]) -> list[Arm]:
         """The arm that answers each row: in split mode the challenger for a fixed share of
         keys (sticky: the same key always gets the same arm; rows without a key get the
@@ -86,9 +89,10 @@ def arm(settings: Settings, name: ArmName, version: str) -> Arm:
         model = find_version(settings, settings.model_flavor, version)
     except LookupError as exc:
         raise RoutingError(str(exc)) from exc
-    preprocessor = bentoml.models.get(str(model.info.metadata["preprocessor_tag"]))
-    if preprocessor.info.metadata["sha256"] != model.info.metadata["preprocessor_sha256"]:
-        raise RoutingError(f"{preprocessor.tag} is not the preprocessor {model.tag} needs")
+    try:
+        preprocessor = preprocessor_of(model)
+    except LookupError as exc:
+        raise RoutingError(str(exc)) from exc
     labels = model.info.labels
     return Arm(
         name=name,
@@ -103,6 +107,24 @@ def arm(settings: Settings, name: ArmName, version: str) -> Arm:
         ),
         model=model,
         preprocessor=preprocessor,
+    )
+
+
+def model_info(settings: Settings, use_case: UseCase, routing: Routing) -> ModelInfo:
+    """/v1/model: the use case, the champion and challenger with their lineage, the routing."""
+    champion = routing.champion
+    return ModelInfo(
+        use_case=use_case.name,
+        task=use_case.task,
+        classes=list(use_case.target.classes),
+        decision_threshold=use_case.decision_threshold,
+        contract_version=use_case.contract_version,
+        serving=champion.ref,
+        routing=RoutingInfo(**routing.public()),
+        models={
+            "preprocessor": StoredModel.of(champion.preprocessor),
+            settings.model_flavor: StoredModel.of(champion.model),
+        },
     )
 
 
@@ -125,12 +147,8 @@ def initial_routing(settings: Settings, default: bentoml.Model) -> Routing:
     found = imports(settings, settings.model_flavor)
 
     def newest(alias: str) -> str | None:
-        versions = [
-            m.info.labels["registered_version"]
-            for m in found
-            if m.info.labels.get("alias") == alias
-        ]
-        return str(versions[0]) if versions else None
+        model = newest_import(found, alias)
+        return None if model is None else str(model.info.labels["registered_version"])
 
     champion = newest(settings.model_alias) or str(default.info.labels["registered_version"])
     challenger = newest(settings.challenger_alias)

@@ -91,11 +91,32 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def task_body(task: Task, contract_version: int, prefix: str) -> dict[str, Any]:
+    """A task as the API answers it (`TaskInfo`), with links to its status and result."""
+    base = f"{prefix}/tasks/{task.id}"
+    return {
+        **task.public(),
+        "contract_version": contract_version,
+        "links": {"status": base, "result": f"{base}/result"},
+    }
+
+
 class TaskStore:
     """The `scoring_tasks` table and the only operations on it."""
 
-    def __init__(self, url: str, *, retention_s: float, lease_s: float, max_attempts: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        retention_s: float,
+        lease_s: float,
+        max_attempts: int,
+        clock: Callable[[], datetime] = now,
+    ) -> None:
+        """`clock` gives every time this store reads (UTC, timezone-aware): leases, retention
+        and timestamps; tests pass one they advance."""
         self.engine: Engine = database_engine(url, pool_pre_ping=True)
+        self.clock = clock
         self.retention = timedelta(seconds=retention_s)
         self.lease = timedelta(seconds=lease_s)
         self.max_attempts = max_attempts
@@ -128,7 +149,7 @@ class TaskStore:
         digest = hashlib.sha256(payload).hexdigest()
         if key is not None and (existing := self._by_key(key)) is not None:
             return self._same_payload(existing, digest), False
-        created = now()
+        created = self.clock()
         values = {
             "id": str(uuid.uuid4()),
             "idempotency_key": key,
@@ -187,7 +208,7 @@ class TaskStore:
                     t.error,
                 ).where(t.id == task_id)
             ).one_or_none()
-        if row is None or _aware(row.expires_at) <= now():
+        if row is None or _aware(row.expires_at) <= self.clock():
             return None
         return Task(
             id=row.id,
@@ -215,7 +236,7 @@ class TaskStore:
         t = self.table.c
         self._give_up_on_crash_loops()
         for _ in range(5):  # lost races: try the next candidate
-            moment = now()
+            moment = self.clock()
             claimable = or_(
                 t.status == "queued", (t.status == "running") & (t.lease_until < moment)
             )
@@ -242,7 +263,7 @@ class TaskStore:
     def _give_up_on_crash_loops(self) -> None:
         """A task whose worker died `max_attempts` times fails instead of being claimed again."""
         t = self.table.c
-        moment = now()
+        moment = self.clock()
         with self.engine.begin() as conn:
             conn.execute(
                 update(self.table)
@@ -261,7 +282,7 @@ class TaskStore:
 
     def renew(self, task_id: str) -> None:
         """Extend the lease of a task the caller is still working on."""
-        moment = now()
+        moment = self.clock()
         with self.engine.begin() as conn:
             conn.execute(
                 update(self.table)
@@ -288,15 +309,14 @@ class TaskStore:
             conn.execute(
                 update(self.table)
                 .where((self.table.c.id == task_id) & (self.table.c.status == "running"))
-                .values(**values, lease_until=None, updated_at=now())
+                .values(**values, lease_until=None, updated_at=self.clock())
             )
 
     def purge(self) -> int:
         """Delete tasks past their retention; how many."""
+        expired = self.table.c.expires_at <= self.clock()
         with self.engine.begin() as conn:
-            return int(
-                conn.execute(delete(self.table).where(self.table.c.expires_at <= now())).rowcount
-            )
+            return int(conn.execute(delete(self.table).where(expired)).rowcount)
 
 
 class TaskWorker:

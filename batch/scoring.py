@@ -22,7 +22,9 @@ import pyarrow.compute as pc
 
 from batch.sink import SCORE_SCHEMA, ScoredChunk, Sink, now
 from configuration import UseCase
+from configuration.digests import sha256_of
 from configuration.policy import decide
+from runners.artifacts import newest_import, preprocessor_of
 from runners.preprocessor import load_compiled, load_encoder
 
 TRUE_VALUES = {True, "true", "True", "TRUE", "1"}  # True == 1, so the number 1 is in too
@@ -57,13 +59,14 @@ def resolve_models(use_case: UseCase, flavor: str, tag: str | None, alias: str) 
     if tag is not None:
         model = bentoml.models.get(tag)
     else:
-        aliased = [m for m in bentoml.models.list(name) if m.info.labels.get("alias") == alias]
-        if not aliased:
+        newest = newest_import(bentoml.models.list(name), alias)
+        if newest is None:
             raise BatchError(f"no {name} model imported under alias {alias!r}")
-        model = max(aliased, key=lambda m: m.info.creation_time)
-    preprocessor = bentoml.models.get(str(model.info.metadata["preprocessor_tag"]))
-    if preprocessor.info.metadata["sha256"] != model.info.metadata["preprocessor_sha256"]:
-        raise BatchError(f"{preprocessor.tag} is not the preprocessor {model.tag} was trained with")
+        model = newest
+    try:
+        preprocessor = preprocessor_of(model)
+    except LookupError as exc:
+        raise BatchError(str(exc)) from exc
     if flavor == "xgboost":
         from runners.xgboost_runner import load_predictor as load_xgboost
 
@@ -111,11 +114,7 @@ def read_chunks(source: str, chunk_rows: int, database: str | None) -> Iterator[
 def source_fingerprint(source: str) -> str:
     if source.startswith("sql:"):
         return hashlib.sha256(source.encode()).hexdigest()
-    digest = hashlib.sha256()
-    with Path(source).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_of(Path(source))
 
 
 def validate_chunk(use_case: UseCase, frame: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:

@@ -67,7 +67,7 @@ def decide(
     labels = np.full(n, NO_LABEL, dtype=np.int64)
     confidence = np.full(n, np.nan)
     if answered.any():
-        labels[answered] = use_case.decide(probabilities[answered])
+        labels[answered] = use_case.labels_for(probabilities[answered])
         confidence[answered] = probabilities[answered, labels[answered]]
     reasons[answered & (confidence < policy.min_confidence)] = "low_confidence"
     out = np.array(probabilities, dtype=np.float64, copy=True)
@@ -78,7 +78,7 @@ def decide(
         if policy.strategy == "prior":
             prior = np.array([[policy.prior[c] for c in classes]])
             out[fallen] = prior
-            labels[fallen] = use_case.decide(prior)[0]
+            labels[fallen] = use_case.labels_for(prior)[0]
         elif policy.strategy == "rule" and frame is not None:
             labels[fallen] = rule_labels(use_case, frame.iloc[fallen])
         elif policy.strategy == "rule":

@@ -75,22 +75,38 @@ class Settings(BaseSettings):
     # --- batching (adaptive, per runner service) --------------------------------------------
     # BentoML's max_latency_ms is a load-shedding deadline, not a wait: a request still queued
     # when it would finish later than this is answered 503. The wait itself is learned.
-    preprocess_max_batch_size: PositiveInt = 512
-    preprocess_max_latency_ms: PositiveInt = 1000
-    model_max_batch_size: PositiveInt = 512
-    model_max_latency_ms: PositiveInt = 1000
+    preprocess_max_batch_size: PositiveInt = Field(
+        512, description="Largest batch (rows) the preprocessor's adaptive batcher forms."
+    )
+    preprocess_max_latency_ms: PositiveInt = Field(
+        1000, description="A preprocessor call still queued past this is answered 503 (shed)."
+    )
+    model_max_batch_size: PositiveInt = Field(
+        512, description="Largest batch (rows) the model runner's adaptive batcher forms."
+    )
+    model_max_latency_ms: PositiveInt = Field(
+        1000, description="A model call still queued past this is answered 503 (shed)."
+    )
 
     # --- API-side coalescing: rows of concurrent requests leave in one runner call ---------
-    api_max_batch_rows: PositiveInt = 512
+    api_max_batch_rows: PositiveInt = Field(
+        512, description="Most rows of concurrent requests the API sends in one runner call."
+    )
     api_max_in_flight: PositiveInt = Field(2, description="Runner calls in flight per API worker.")
 
     # --- workers and connections --------------------------------------------------------------
-    api_workers: PositiveInt = 1
-    preprocess_workers: PositiveInt = 1
-    model_workers: PositiveInt = 1
+    api_workers: PositiveInt = Field(1, description="API worker processes.")
+    preprocess_workers: PositiveInt = Field(1, description="Preprocessor worker processes.")
+    model_workers: PositiveInt = Field(1, description="Model runner worker processes.")
     model_threads: PositiveInt = Field(1, description="XGBoost threads per model worker.")
-    runner_connection_max_requests: PositiveInt = 10**9
-    runner_connection_max_age_s: PositiveFloat = 1e9
+    runner_connection_max_requests: PositiveInt = Field(
+        10**9,
+        description="Requests before the API renews a runner connection (BentoML's default, 100, "
+        "dropped calls in flight under load).",
+    )
+    runner_connection_max_age_s: PositiveFloat = Field(
+        1e9, description="Seconds before the API renews a runner connection (see above)."
+    )
     request_timeout_s: PositiveFloat = Field(
         10.0, description="BentoML's hard per-request timeout (504); above the deadlines below."
     )
@@ -173,13 +189,15 @@ class Settings(BaseSettings):
         PROJECT_ROOT / "mlartifacts",
         description="Artifact folder used when MLflow runs embedded (SQLite).",
     )
-    experiment_name: str = "scoring-{use_case}"
-    seed: int = 42
-    test_size: float = Field(0.2, gt=0, lt=1)
-    demo_rows: PositiveInt = 20_000
-    xgb_n_estimators: PositiveInt = 200
-    xgb_max_depth: PositiveInt = 6
-    xgb_learning_rate: PositiveFloat = 0.05
+    experiment_name: str = Field(
+        "scoring-{use_case}", description="MLflow experiment of the training runs."
+    )
+    seed: int = Field(42, description="Random seed of the data split, demo data and models.")
+    test_size: float = Field(0.2, gt=0, lt=1, description="Held-out share for the metrics.")
+    demo_rows: PositiveInt = Field(20_000, description="Rows of generated demo data.")
+    xgb_n_estimators: PositiveInt = Field(200, description="XGBoost trees.")
+    xgb_max_depth: PositiveInt = Field(6, description="XGBoost tree depth.")
+    xgb_learning_rate: PositiveFloat = Field(0.05, description="XGBoost learning rate (eta).")
     sklearn_c: PositiveFloat = Field(1.0, description="Inverse L2 strength of LogisticRegression.")
 
     def use_case_path(self, name: str | None = None) -> Path:

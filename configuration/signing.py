@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from configuration.digests import sha256_of
 from configuration.settings import PROJECT_ROOT, Settings
 
 MANIFEST_FORMAT = "scoring-model-manifest/1"  # signed too: a signature means this and only this
@@ -44,8 +45,7 @@ def file_digests(model_dir: Path) -> dict[str, str]:
     for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         name = path.relative_to(model_dir).as_posix()
         if name != UNSIGNED_FILE:
-            with path.open("rb") as handle:
-                digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
+            digests[name] = sha256_of(path)
     return digests
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from functools import cached_property, lru_cache
@@ -12,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from configuration.digests import sha256_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -240,7 +241,7 @@ class UseCase(_Spec):
             sources.append(source)
         return sources
 
-    def decide(self, probabilities: np.ndarray) -> np.ndarray:
+    def labels_for(self, probabilities: np.ndarray) -> np.ndarray:
         """Class indices from an (n x k) probability matrix: the decision threshold on the
         positive class for binary tasks, the most probable class otherwise."""
         if self.task == "binary":
@@ -282,10 +283,6 @@ class UseCase(_Spec):
         return pd.DataFrame(columns, index=range(len(raw)))
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 @lru_cache(maxsize=16)
 def load_use_case(path: Path) -> UseCase:
     """Read and validate a use case YAML file; errors name the file and the offending field."""
@@ -296,7 +293,7 @@ def load_use_case(path: Path) -> UseCase:
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(raw, dict):
         raise UseCaseError(f"{path}: expected a mapping at the top level")
-    raw["source_sha256"] = _file_sha256(path)
+    raw["source_sha256"] = sha256_of(path)
     try:
         use_case = UseCase.model_validate(raw)
     except ValueError as exc:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -12,6 +11,7 @@ from typing import Any, Generic, TypeVar
 import bentoml
 
 from configuration import Settings, get_settings, registered_name
+from configuration.digests import sha256_of
 from configuration.signing import load_public_key, verify_model_dir
 
 T = TypeVar("T")
@@ -60,7 +60,7 @@ def verified_file(
         verify_model_dir(Path(model.path), str(model.tag), model.info.labels, metadata, public_key)
     expected = metadata["sha256" if key == "file" else f"{key}_sha256"]
     path = Path(model.path_of(str(metadata[key])))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_of(path)
     if digest != expected:
         raise IntegrityError(
             f"{model.tag}: {path.name} has SHA-256 {digest}, expected {expected!s}; "
@@ -89,6 +89,26 @@ def find_version(settings: Settings, component: str, version: str) -> bentoml.Mo
             return model
     name = registered_name(settings.use_case, component)
     raise ModelNotFound(f"no import of {name} version {version} in the model store")
+
+
+def newest_import(models: Iterable[bentoml.Model], alias: str) -> bentoml.Model | None:
+    """The newest of `models` imported under the registry alias `alias` (None: no such import)."""
+    aliased = [m for m in models if m.info.labels.get("alias") == alias]
+    return max(aliased, key=lambda m: m.info.creation_time, default=None)
+
+
+class PreprocessorMismatch(LookupError):
+    """The stored preprocessor is not the one a model was trained with."""
+
+
+def preprocessor_of(model: bentoml.Model) -> bentoml.Model:
+    """The preprocessor a model was trained with, as its import recorded it (tag and hash)."""
+    preprocessor = bentoml.models.get(str(model.info.metadata["preprocessor_tag"]))
+    if preprocessor.info.metadata["sha256"] != model.info.metadata["preprocessor_sha256"]:
+        raise PreprocessorMismatch(
+            f"{preprocessor.tag} is not the preprocessor {model.tag} was trained with"
+        )
+    return preprocessor
 
 
 def pin_versions(settings: Settings, component: str) -> Callable[[type[T]], type[T]]:

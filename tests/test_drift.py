@@ -117,15 +117,15 @@ def test_no_drift_value_and_no_gauge_before_the_window_holds_min_rows(
 
     scorer, registry = fresh_scorer(local_scorer, monkeypatch)
     rows = customers(churn, 4, seed=3)
-    asyncio.run(scorer.decide(rows))
-    report = scorer.drift_report()
+    asyncio.run(scorer.score(rows))
+    report = scorer.monitor.drift_report()
     assert report["status"] == "insufficient_data"
     assert report["window_rows"] == 4 and report["min_rows"] == 500
     assert report["features"] == {} and report["drifting"] == [] and report["score"] is None
     assert not [s for m in registry.collect() if m.name == "scoring_drift_psi" for s in m.samples]
 
-    asyncio.run(scorer.decide(customers(churn, 600, seed=4)))
-    report = scorer.drift_report()
+    asyncio.run(scorer.score(customers(churn, 600, seed=4)))
+    report = scorer.monitor.drift_report()
     assert report["status"] == "ok" and report["window_rows"] == 604
     assert set(report["features"]) == set(churn.model_feature_names)
     gauges = [s for m in registry.collect() if m.name == "scoring_drift_psi" for s in m.samples]

@@ -266,15 +266,16 @@ class TestExplain:
 
 
 class TestReadiness:
-    def unready(self, warm_result):
+    def unready(self, warm_result, settings=None):
         """A Scoring instance whose scorer's warm-up answers `warm_result`."""
+        from api.background import Background
 
         async def warm(routing):
             return warm_result
 
         instance = service.Scoring.inner.__new__(service.Scoring.inner)
-        instance.ready = False
-        instance.scorer = SimpleNamespace(warm=warm, routing=None)
+        scorer = SimpleNamespace(warm=warm, routing=None)
+        instance.background = Background(settings or service.SETTINGS, scorer)  # type: ignore[arg-type]
         instance.runner_probe = SimpleNamespace(ready=True)  # every runner answers
         instance.draining = lambda: False
         return instance
@@ -282,18 +283,16 @@ class TestReadiness:
     def test_the_started_service_is_ready(self, client):
         assert client.get("/readyz").status_code == 200
 
-    def test_a_warm_up_that_never_passes_keeps_the_service_unready(self, monkeypatch):
-        monkeypatch.setattr(
-            service, "SETTINGS", service.SETTINGS.model_copy(update={"warmup_timeout_s": 1.0})
-        )
-        instance = self.unready("model broken")
-        asyncio.run(instance._warm_up())
+    def test_a_warm_up_that_never_passes_keeps_the_service_unready(self):
+        settings = service.SETTINGS.model_copy(update={"warmup_timeout_s": 1.0})
+        instance = self.unready("model broken", settings)
+        asyncio.run(instance.background.warm_up())
         assert instance.__is_ready__() is False
 
     def test_a_warm_up_passes_once_the_model_answers(self):
         instance = self.unready(None)
         assert instance.__is_ready__() is False  # not before the warm-up ran
-        asyncio.run(instance._warm_up())
+        asyncio.run(instance.background.warm_up())
         assert instance.__is_ready__() is True
 
     @pytest.mark.parametrize(("exception", "passes"), [(None, True), (RuntimeError("x"), False)])
