@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,7 +18,19 @@ import httpx
 
 from benchmarks.inprocess import rows_per_second
 from benchmarks.load import LoadResult, PeakRss, run_wrk
-from configuration import PROJECT_ROOT, current_use_case
+from configuration import current_use_case
+from tests.harness import (
+    HOST,
+    NotReady,
+    Server,
+    cli_command,
+    free_port,
+    run_cli,
+    serving,
+    start_process,
+    stop,
+    wait_for_http,
+)
 
 ROWS_PER_BATCH_REQUEST = 100
 SCENARIOS = [  # (label, rows per request, connections)
@@ -31,17 +43,9 @@ SCENARIOS = [  # (label, rows per request, connections)
     ("1 row, c=1 (after bursts)", 1, 1),
 ]
 COLD_STARTS = 3  # starts of `bentoml serve` timed to /readyz (median)
-
-
-def serve_command(port: int) -> list[str]:
-    address = ["--host", "127.0.0.1", "--port", str(port)]
-    return [sys.executable, "-m", "bentoml", "serve", "service:Scoring", *address]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+READY_TIMEOUT_S = 180
+POLL_S = 0.02  # a cold start is timed to the poll that sees it ready
+SERVER_ENV = {"BENTOML_DO_NOT_TRACK": "true"}
 
 
 def ensure_demo_model() -> None:
@@ -51,43 +55,33 @@ def ensure_demo_model() -> None:
         bentoml.models.get("churn-xgboost:latest")
     except bentoml.exceptions.NotFound:
         print("no demo model in the BentoML store: training it (python -m training demo)")
-        subprocess.run([sys.executable, "-m", "training", "demo"], cwd=PROJECT_ROOT, check=True)
+        if run_cli("training", "demo", capture=False).returncode != 0:
+            raise SystemExit("python -m training demo failed") from None
 
 
-def start(args: list[str], ready_url: str, log: Path) -> tuple[subprocess.Popen, float]:
-    """Start a server; (process, seconds until `ready_url` answered 200)."""
+@contextmanager
+def scoring_service(log: Path) -> Iterator[tuple[Server, float]]:
+    """A ready `bentoml serve` of the service; (it, seconds from its start until /readyz
+    answered 200)."""
     began = time.perf_counter()
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            args,
-            cwd=PROJECT_ROOT,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"},
-            start_new_session=True,
-        )
-    # one client for all polls: `httpx.get` builds a client (and an SSL context) per call, 26 ms
-    # of CPU, which every 20 ms took half a core from the starting server
-    with httpx.Client(timeout=1) as client:
-        while time.perf_counter() - began < 180:
-            if process.poll() is not None:
-                raise SystemExit(f"{args[2:4]} exited early; see {log}")
-            try:
-                if client.get(ready_url).status_code == 200:
-                    return process, time.perf_counter() - began
-            except httpx.TransportError:
-                pass
-            time.sleep(0.02)
-    process.kill()
-    raise SystemExit(f"{ready_url} not ready after 180 s; see {log}")
+    with serving(log, SERVER_ENV, timeout_s=READY_TIMEOUT_S, poll_s=POLL_S) as server:
+        yield server, time.perf_counter() - began
 
 
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
+@contextmanager
+def naive_fastapi(log: Path) -> Iterator[str]:
+    """The naive FastAPI baseline under uvicorn, ready; its base URL."""
+    port = free_port()
+    args = ["benchmarks.naive_fastapi:app", "--host", HOST, "--port", str(port)]
+    process = start_process(
+        cli_command("uvicorn", *args, "--log-level", "warning"), log, SERVER_ENV
+    )
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        base = f"http://{HOST}:{port}"
+        wait_for_http(f"{base}/docs", process, READY_TIMEOUT_S, POLL_S)
+        yield base
+    finally:
+        stop(process)
 
 
 def median_result(results: list[LoadResult]) -> LoadResult:
@@ -117,60 +111,42 @@ def main() -> int:
     args = parser.parse_args()
     ensure_demo_model()
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    try:
+        return benchmark(args, logs)
+    except NotReady as exc:
+        raise SystemExit(f"{exc}; the servers' output is in {logs}/bench-*.log") from None
 
+
+def benchmark(args: argparse.Namespace, logs: Path) -> int:
     print("in-process limit (1 core, 1024-row batches) ...", flush=True)
     limit = rows_per_second()
 
     # cold start is one noisy sample per start: take the median of a few (the last start serves)
     cold_starts: list[float] = []
-    for attempt in range(COLD_STARTS):
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        service, seconds = start(serve_command(port), f"{url}/readyz", logs / "bench-service.log")
-        cold_starts.append(seconds)
-        if attempt < COLD_STARTS - 1:
-            stop(service)
-    cold_start = statistics.median(cold_starts)
+    for _ in range(COLD_STARTS - 1):
+        with scoring_service(logs / "bench-service.log") as (_, seconds):
+            cold_starts.append(seconds)
     results: dict[str, LoadResult] = {}
-    try:
+    with scoring_service(logs / "bench-service.log") as (service, seconds):
+        cold_starts.append(seconds)
+        url = service.base
         with httpx.Client() as client:  # first requests pay lazy initialisation; not measured
             for _ in range(20):
                 client.post(f"{url}/v1/predict", json={"instance": current_use_case().examples[0]})
-        with PeakRss(service.pid) as rss:
+        with PeakRss(service.process.pid) as rss:
             for label, rows, connections in SCENARIOS:
                 print(f"service: {label} ...", flush=True)
                 results[label] = measure(url, rows, connections, args.duration, args.repeat)
-    finally:
-        stop(service)
+    cold_start = statistics.median(cold_starts)
 
-    port = free_port()
-    naive_url = f"http://127.0.0.1:{port}"
-    naive, _ = start(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "benchmarks.naive_fastapi:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        f"{naive_url}/docs",
-        logs / "bench-naive.log",
-    )
     naive_results = {}
-    try:
+    with naive_fastapi(logs / "bench-naive.log") as naive_url:
         for label, connections in (
             ("naive FastAPI, 1 row, c=1", 1),
             ("naive FastAPI, 1 row, c=64", 64),
         ):
             print(f"{label} ...", flush=True)
             naive_results[label] = measure(naive_url, 1, connections, args.duration, args.repeat)
-    finally:
-        stop(naive)
 
     print()
     print(f"{'scenario':34} {'req/s':>9} {'rows/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")

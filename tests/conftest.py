@@ -1,19 +1,19 @@
-"""Test fixtures: an isolated BentoML home and MLflow store per session, one small trained demo."""
+"""Test fixtures: an isolated BentoML home and MLflow store per session, one small trained demo,
+a real server and the machine's PostgreSQL; e2e, image and export tests are `process` tests too.
+What starts processes lives in tests/harness.py (the benchmarks use it as well)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+
+from .harness import IN_CI, POSTGRES_URL, connect, serving
 
 # BENTOML_HOME is read once when bentoml is imported: set everything before any import of it.
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="scoring-tests-"))
@@ -42,13 +42,25 @@ def _session_signing_key() -> None:
 
 
 _session_signing_key()
+# markers of tests that start a process; `make test` deselects them all with -m "not process"
+PROCESS_MARKERS = ("e2e", "image", "export")
 
-PROJECT = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the markers added here
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(name) for name in PROCESS_MARKERS):
+            item.add_marker(pytest.mark.process)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    """The session's stores: bentoml/ (BENTOML_HOME), mlflow.db, mlartifacts/, tasks.db."""
+    return SESSION_DIR
 
 
 @pytest.fixture(scope="session")
@@ -101,72 +113,23 @@ def churn():
     return current_use_case()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float) -> float:
-    """Poll `url` until it answers 200; seconds waited. Fails (never skips) on timeout or exit."""
-    import httpx
-
-    start = time.monotonic()
-    with httpx.Client(timeout=1.0) as client:  # httpx.get: a client and SSL context per poll
-        while time.monotonic() - start < timeout_s:
-            if process.poll() is not None:
-                pytest.fail(f"process exited with {process.returncode} before {url} was ready")
-            try:
-                if client.get(url).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-    pytest.fail(f"{url} not ready within {timeout_s} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def start_process(
-    args: list[str], log: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen:
-    with log.open("wb") as output:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            args,
-            cwd=PROJECT,
-            env={**os.environ, **(env or {})},
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-@contextlib.contextmanager
-def serving(log: Path, env: dict[str, str] | None = None, timeout_s: float = 120) -> Iterator[str]:
-    """A real `bentoml serve` of the service on a free port, its output in `log`; its base URL.
-    Stopped (SIGTERM, then SIGKILL) on exit."""
-    port = free_port()
-    args = ["-m", "bentoml", "serve", "service:Scoring", "--host", "127.0.0.1", "--port"]
-    process = start_process([sys.executable, *args, str(port)], log, env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{base}/readyz", process, timeout_s=timeout_s)
-        yield base
-    finally:
-        stop(process)
-        if os.environ.get("SCORING_TEST_SHOW_LOGS"):
-            print(log.read_text()[-5000:])
-
-
 @pytest.fixture(scope="session")
 def server(demo_models, tmp_path_factory) -> Iterator[str]:
     """A real `bentoml serve` process on a free port; its base URL."""
-    with serving(tmp_path_factory.mktemp("serve") / "serve.log") as base:
+    with serving(tmp_path_factory.mktemp("serve") / "serve.log") as (base, _):
         yield base
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The machine's PostgreSQL (SCORING_TEST_POSTGRES_URL): skipped where there is none, a
+    failure in CI."""
+    try:
+        with connect(POSTGRES_URL) as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure to connect means: no server here
+        message = f"PostgreSQL at {POSTGRES_URL} unreachable: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return POSTGRES_URL

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +13,7 @@ from starlette.testclient import TestClient
 from api.contract import contract_for
 from runners.batching import isolate_failures
 
-from .conftest import PROJECT
+from .harness import run_python
 
 PREDICT = "/v1/predict"
 CONTRACT_VERSION = 3
@@ -247,6 +244,7 @@ def test_a_row_the_runner_cannot_encode_fails_alone(demo_models, churn):
     np.testing.assert_array_equal(features[0], features[2])
 
 
+@pytest.mark.process
 def test_the_runner_workers_import_neither_mlflow_training_nor_sqlalchemy(demo_models):
     """Import the service module and load every runner, as a runner worker does, then look at
     what got imported: SQLAlchemy belongs to the API worker alone (~0.1 s of each start)."""
@@ -260,13 +258,12 @@ def test_the_runner_workers_import_neither_mlflow_training_nor_sqlalchemy(demo_m
         "heavy = {'mlflow', 'training', 'sqlalchemy'}\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=PROJECT, capture_output=True, text=True, timeout=300
-    )
+    result = run_python("-c", script, timeout_s=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.process
 def test_the_scikit_learn_model_serves_when_configured(demo_models, churn):
     """SCORING_MODEL_FLAVOR=sklearn: the API composes the scikit-learn runner instead."""
     script = (
@@ -276,15 +273,7 @@ def test_the_scikit_learn_model_serves_when_configured(demo_models, churn):
         "    r = client.post('/v1/predict', json={'instance': service.USE_CASE.examples[0]})\n"
         "    print(r.status_code, json.dumps(r.json()))\n"
     )
-    env = {**os.environ, "SCORING_MODEL_FLAVOR": "sklearn"}
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=PROJECT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python("-c", script, env={"SCORING_MODEL_FLAVOR": "sklearn"}, timeout_s=300)
     assert result.returncode == 0, result.stderr[-2000:]
     status, body = result.stdout.strip().splitlines()[-1].split(" ", 1)
     answer = json.loads(body)

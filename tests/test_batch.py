@@ -4,33 +4,24 @@ real kill, on SQLite and on the machine's PostgreSQL."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import DateTime, create_engine, text
-from sqlalchemy.engine import Connection
+from sqlalchemy import DateTime, text
 from sqlalchemy.exc import DBAPIError
 
 from batch.scoring import BatchError, resolve_models, run
 from training.data import generate_churn
 
-from .conftest import IN_CI, PROJECT
+from .harness import cli_command, connect, run_cli, start_process
 
-POSTGRES_URL = os.environ.get(
-    "SCORING_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 KILL_ROWS = 100_000
 KILL_CHUNK = 2_000
 
@@ -38,30 +29,6 @@ KILL_CHUNK = 2_000
 @pytest.fixture(scope="module")
 def models(demo_models, churn):
     return resolve_models(churn, "xgboost", tag=None, alias="champion")
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> str:
-    try:
-        with connect(POSTGRES_URL) as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # any failure to connect means: no server here
-        message = f"PostgreSQL at {POSTGRES_URL} unreachable: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return POSTGRES_URL
-
-
-@contextmanager
-def connect(url: str, begin: bool = False) -> Iterator[Connection]:
-    """A connection whose engine (and pool) is disposed afterwards."""
-    engine = create_engine(url)
-    try:
-        with engine.begin() if begin else engine.connect() as conn:
-            yield conn
-    finally:
-        engine.dispose()
 
 
 def leads(n_rows: int, seed: int) -> pd.DataFrame:
@@ -260,9 +227,6 @@ def kill_mid_run_then_resume(
     """Start the CLI job, SIGKILL it once a few chunks are committed, run it again; the summary
     of the second run."""
     args = [
-        sys.executable,
-        "-m",
-        "batch",
         "score",
         "--input",
         str(source),
@@ -275,8 +239,7 @@ def kill_mid_run_then_resume(
         "--job-id",
         job_id,
     ]
-    with (tmp_path / "first.log").open("wb") as log:
-        first = subprocess.Popen(args, cwd=PROJECT, stdout=log, stderr=subprocess.STDOUT)
+    first = start_process(cli_command("batch", *args), tmp_path / "first.log")
     done = 0
     deadline = time.monotonic() + 300
     while done < 5 and time.monotonic() < deadline and first.poll() is None:
@@ -299,7 +262,7 @@ def kill_mid_run_then_resume(
             text("SELECT status, chunks_done FROM scoring_jobs WHERE job_id = :j"), {"j": job_id}
         ).one()
     assert status == "running" and 5 <= done < KILL_ROWS // KILL_CHUNK, (status, done)
-    second = subprocess.run(args, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    second = run_cli("batch", *args)
     assert second.returncode == 0, second.stderr[-3000:]
     summary = json.loads(second.stdout)
     assert summary["resumed_at_chunk"] >= done
@@ -337,6 +300,7 @@ def kill_reference(models, churn, kill_input, tmp_path_factory) -> pd.DataFrame:
     return read_table(url, "scores", job_id="killed")
 
 
+@pytest.mark.process
 def test_killed_and_resumed_job_writes_each_row_exactly_once_sqlite(
     kill_input, kill_reference, tmp_path
 ):
@@ -345,6 +309,7 @@ def test_killed_and_resumed_job_writes_each_row_exactly_once_sqlite(
     assert_exactly_once(url, "scores", kill_reference, "killed")
 
 
+@pytest.mark.process
 def test_killed_and_resumed_job_writes_each_row_exactly_once_postgres(
     postgres_url, kill_input, kill_reference, tmp_path
 ):
@@ -358,17 +323,12 @@ def test_killed_and_resumed_job_writes_each_row_exactly_once_postgres(
             conn.execute(text("DELETE FROM scoring_jobs WHERE output_table = :t"), {"t": table})
 
 
+@pytest.mark.process
 def test_the_old_training_score_command_still_scores_with_a_deprecation_warning(models, tmp_path):
     source = tmp_path / "few.csv"
     generate_churn(20, seed=5).to_csv(source, index=False)
     url = f"sqlite:///{tmp_path / 'alias.db'}"
-    run = subprocess.run(
-        [sys.executable, "-m", "training", "score", "--input", str(source), "--output-db", url],
-        cwd=PROJECT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_cli("training", "score", "--input", str(source), "--output-db", url, timeout_s=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "deprecated" in run.stderr and "python -m batch score" in run.stderr
     assert json.loads(run.stdout)["rows_scored"] == 20

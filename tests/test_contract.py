@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -16,11 +14,12 @@ from api.openapi import publish
 from configuration import get_settings, load_use_case
 from contracts import current, differences, path_for, snapshot_of
 
-from .conftest import PROJECT
+from .harness import run_python
 
 USE_CASES = sorted(p.stem for p in get_settings().use_case_dir.glob("*.yaml"))
 
 
+@pytest.mark.process  # contracts.current: a fresh interpreter per use case
 @pytest.mark.parametrize("name", USE_CASES)
 def test_the_code_matches_the_committed_contract(name):
     use_case = load_use_case(get_settings().use_case_path(name))
@@ -33,6 +32,7 @@ def test_the_code_matches_the_committed_contract(name):
     )
 
 
+@pytest.mark.process
 def test_a_changed_contract_without_a_version_bump_fails_the_check(tmp_path):
     """Add a feature to churn, keep contract_version: the check names the change and fails,
     and --write refuses to overwrite the recorded version."""
@@ -64,17 +64,16 @@ def contracts_command(use_case_dir, *args: str, contracts_dir=None):
         f"sys.argv = ['contracts', *{list(args)!r}]; "
         "from contracts.__main__ import main; sys.exit(main())"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCORING_")}
-    return subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=PROJECT,
-        env={**env, "SCORING_USE_CASE_DIR": str(use_case_dir)},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return run_python(
+        "-c",
+        script,
+        env={"SCORING_USE_CASE_DIR": str(use_case_dir)},
+        unset=[k for k in os.environ if k.startswith("SCORING_")],
+        timeout_s=300,
     )
 
 
+@pytest.mark.process
 def test_a_version_bump_is_recorded_as_a_new_file(tmp_path):
     raw = yaml.safe_load((get_settings().use_case_dir / "churn.yaml").read_text())
     raw["contract_version"] += 1

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import serving
+from .harness import serving
 
 pytestmark = pytest.mark.e2e
 TOKEN = "edge-admin-token"
@@ -94,7 +94,7 @@ def test_no_request_content_reaches_the_server_output(demo_models, churn, tmp_pa
     log = tmp_path / "serve.log"
     markers: list[str] = []
     tasks: list[str] = []
-    with serving(log, server_env(tmp_path)) as base, httpx.Client(base_url=base) as client:
+    with serving(log, server_env(tmp_path)) as (base, _), httpx.Client(base_url=base) as client:
 
         @settings(
             max_examples=150,
@@ -134,7 +134,7 @@ def test_a_client_error_is_one_line_and_a_valid_request_two(demo_models, churn, 
     prediction writes its access line and its prediction-log line."""
     log = tmp_path / "serve.log"
     row = {**churn.examples[0], "email": "lines@example.com"}
-    with serving(log, server_env(tmp_path)) as base, httpx.Client(base_url=base) as client:
+    with serving(log, server_env(tmp_path)) as (base, _), httpx.Client(base_url=base) as client:
         metrics = client.get("/metrics").text  # a fresh server: counters at 0, no drift yet
         for reason in ("low_confidence", "model_error", "timeout", "model_not_ready"):
             line = f'scoring_fallbacks_total{{arm="champion",model_version="1",reason="{reason}"}}'
@@ -173,7 +173,7 @@ def test_schemathesis_finds_no_failure_of_any_check(demo_models, tmp_path):
     real server: at least 3,000 cases, 0 failures, nothing skipped."""
     st_cli = Path(sys.executable).parent / "st"
     log = tmp_path / "serve.log"
-    with serving(log, server_env(tmp_path)) as base:
+    with serving(log, server_env(tmp_path)) as (base, _):
         run = subprocess.run(
             [
                 str(st_cli),

@@ -4,10 +4,7 @@ or mixed request, rollback, admin authentication, champion/challenger split and 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
 import time
 
 import httpx
@@ -15,8 +12,7 @@ import pytest
 
 from api.routing import bucket
 
-from .conftest import PROJECT, SESSION_DIR
-from .test_e2e_production import metric_total, rows, serving
+from .harness import build_bento, metric_total, rows, run_cli, run_python, serving
 
 pytestmark = pytest.mark.e2e
 TOKEN = "test-admin-token"
@@ -24,12 +20,12 @@ ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def two_versions(demo_models, tmp_path_factory) -> dict[str, str]:
+def two_versions(demo_models, session_dir, tmp_path_factory) -> dict[str, str]:
     """A copy of the session's stores with a second version: trained again (another seed) and
     imported under the alias `candidate`. The environment that serves them."""
     home = tmp_path_factory.mktemp("lifecycle")
-    shutil.copytree(SESSION_DIR / "bentoml", home / "bentoml")
-    shutil.copy(SESSION_DIR / "mlflow.db", home / "mlflow.db")
+    shutil.copytree(session_dir / "bentoml", home / "bentoml")
+    shutil.copy(session_dir / "mlflow.db", home / "mlflow.db")
     env = {
         "BENTOML_HOME": str(home / "bentoml"),
         "SCORING_MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
@@ -37,14 +33,7 @@ def two_versions(demo_models, tmp_path_factory) -> dict[str, str]:
         "SCORING_SEED": "7",
     }
     for command in (["train"], ["import", "--alias", "candidate"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "training", *command],
-            cwd=PROJECT,
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        result = run_cli("training", *command, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
     return {**env, "SCORING_ADMIN_TOKEN": TOKEN}
 
@@ -59,7 +48,7 @@ def test_admin_routes_are_off_without_a_token(server):
 
 
 def test_swap_and_rollback_under_load_fail_no_request(two_versions, churn, tmp_path):
-    with serving(tmp_path / "serve.log", **two_versions) as (base, _):
+    with serving(tmp_path / "serve.log", two_versions) as (base, _):
         info = httpx.get(f"{base}/v1/model", timeout=30).json()
         assert info["serving"]["version"] == "1" and info["routing"]["mode"] == "off"
         assert httpx.get(f"{base}/v1/admin/routing", timeout=30).status_code == 401
@@ -124,7 +113,7 @@ def test_swap_and_rollback_under_load_fail_no_request(two_versions, churn, tmp_p
 
 
 def test_champion_challenger_split_and_shadow(two_versions, churn, tmp_path):
-    with serving(tmp_path / "serve.log", **two_versions) as (base, _):
+    with serving(tmp_path / "serve.log", two_versions) as (base, _):
         split = put_routing(base, champion="1", challenger="2", mode="split", share=0.5)
         assert split.status_code == 200, split.text
         batch = rows(churn, 200, prefix="K")
@@ -164,30 +153,14 @@ def test_champion_challenger_split_and_shadow(two_versions, churn, tmp_path):
 
 
 def test_a_bento_packs_the_newest_versions_for_rollback(two_versions):
-    env = {**os.environ, **two_versions}
-    built = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
-        cwd=PROJECT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert built.returncode == 0, built.stderr[-3000:]
-    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    listed = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import bentoml, sys; "
-            "print(' '.join(str(m.tag) for m in bentoml.bentos.get(sys.argv[1]).info.all_models))",
-            tag,
-        ],
-        cwd=PROJECT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    tag = build_bento(two_versions)
+    listed = run_python(
+        "-c",
+        "import bentoml, sys; "
+        "print(' '.join(str(m.tag) for m in bentoml.bentos.get(sys.argv[1]).info.all_models))",
+        tag,
+        env=two_versions,
+        timeout_s=300,
     )
     assert listed.returncode == 0, listed.stderr[-3000:]
     models = listed.stdout.split()

@@ -5,51 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import free_port, start_process, stop, wait_for_http
-from .test_e2e import histogram
+from .harness import histogram, metric_total, rows, serving, wait_for_status
 
 pytestmark = pytest.mark.e2e
-
-
-@contextmanager
-def serving(log: Path, **env: str) -> Iterator[tuple[str, object]]:
-    """A real `bentoml serve` with extra settings; (base URL, process)."""
-    port = free_port()
-    args = [sys.executable, "-m", "bentoml", "serve", "service:Scoring", "--port", str(port)]
-    process = start_process([*args, "--host", "127.0.0.1"], log, env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{base}/readyz", process, timeout_s=120)
-        yield base, process
-    finally:
-        stop(process)
-
-
-def metric_total(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def rows(churn, n: int, prefix: str = "C") -> list[dict]:
-    return [dict(churn.examples[i % 2], customer_id=f"{prefix}-{i}") for i in range(n)]
 
 
 def test_deadline_concurrency_limit_and_readiness(demo_models, churn, tmp_path):
     """A 5 ms inference deadline and at most 2 requests in progress."""
     env = {"SCORING_INFERENCE_DEADLINE_MS": "5", "SCORING_API_MAX_CONCURRENCY": "2"}
-    with serving(tmp_path / "serve.log", **env) as (base, _):
+    with serving(tmp_path / "serve.log", env) as (base, _):
         metrics = httpx.get(f"{base}/metrics", timeout=30).text
         # ready means the warm-up rows went through both runners (the deadline does not apply)
         warmed, _ = histogram(metrics, "scoring_runner_batch_rows", runner="xgboost")
@@ -89,7 +58,7 @@ def test_tasks_survive_a_kill_of_the_service(demo_models, churn, tmp_path):
         "SCORING_TASK_LEASE_S": "2",
     }
     big = rows(churn, 30_000, prefix="B")
-    with serving(tmp_path / "first.log", **env) as (base, process):
+    with serving(tmp_path / "first.log", env) as (base, process):
         small = httpx.post(
             f"{base}/v1/tasks",
             json={"instances": rows(churn, 100, prefix="S")},
@@ -106,8 +75,8 @@ def test_tasks_survive_a_kill_of_the_service(demo_models, churn, tmp_path):
         assert submitted.status_code == 202
         task_id = submitted.json()["task_id"]
         wait_for_status(base, task_id, "running", poll_s=0.02)
-        kill_tree(process.pid)  # type: ignore[attr-defined]
-    with serving(tmp_path / "second.log", **env) as (base, _):
+        kill_tree(process.pid)
+    with serving(tmp_path / "second.log", env) as (base, _):
         kept = httpx.get(f"{base}/v1/tasks/{small['task_id']}/result", timeout=30)
         assert kept.status_code == 200 and len(kept.json()["predictions"]) == 100
         status = wait_for_status(base, task_id, "succeeded", timeout_s=180)
@@ -134,16 +103,3 @@ def kill_tree(pid: int) -> None:
     for process in processes:
         process.send_signal(signal.SIGKILL)
     psutil.wait_procs(processes, timeout=10)
-
-
-def wait_for_status(
-    base: str, task_id: str, wanted: str, timeout_s: float = 60, poll_s: float = 0.2
-) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = httpx.get(f"{base}/v1/tasks/{task_id}", timeout=30).json()
-        if status["status"] == wanted:
-            return dict(status)
-        assert status["status"] != "failed", status
-        time.sleep(poll_s)
-    pytest.fail(f"task {task_id} not {wanted} within {timeout_s} s: {status}")

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
-from subprocess import Popen, TimeoutExpired
+from subprocess import Popen
 from urllib.parse import urlparse
 
 import httpx
@@ -22,42 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from .conftest import PROJECT, free_port, start_process, wait_for_http
-
-
-@contextmanager
-def serving(log: Path, port: int | None = None, **env: str) -> Iterator[tuple[str, Popen]]:
-    """A ready `bentoml serve` on `port` (default: a free one); (base URL, process). Stopped
-    afterwards with SIGINT if still running; whatever is left of it then, its workers
-    included, is SIGKILLed by pid."""
-    port = port or free_port()
-    args = [sys.executable, "-m", "bentoml", "serve", "service:Scoring"]
-    process = start_process([*args, "--host", "127.0.0.1", "--port", str(port)], log, env)
-    workers: list[psutil.Process] = []
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base}/readyz", process, timeout_s=120)
-        workers = psutil.Process(process.pid).children(recursive=True)
-        yield base, process
-    finally:
-        if process.poll() is None:
-            workers += alive_children(process)
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=20)
-            except TimeoutExpired:
-                process.kill()
-                process.wait()
-        for leftover in workers:
-            with suppress(psutil.NoSuchProcess):
-                leftover.send_signal(signal.SIGKILL)
-
-
-def alive_children(process: Popen) -> list[psutil.Process]:
-    try:
-        return psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+from .harness import PROJECT, free_port, serving
 
 
 def alive(process: psutil.Process) -> bool:
@@ -83,7 +45,7 @@ def test_workers_exit_with_a_killed_server_and_sigint_stops_at_once(demo_models,
     and a new server binds the same port. SIGINT (Ctrl-C) stops it without the drain, and
     BentoML's clean-up (the runners' socket folder) still runs."""
     port = free_port()
-    with serving(tmp_path / "killed.log", port) as (_, process):
+    with serving(tmp_path / "killed.log", port=port) as (_, process):
         workers = psutil.Process(process.pid).children(recursive=True)
         assert len(workers) == 3  # the API, the preprocessor and the model
         process.send_signal(signal.SIGKILL)
@@ -97,7 +59,8 @@ def test_workers_exit_with_a_killed_server_and_sigint_stops_at_once(demo_models,
         )
         print(f"workers gone {time.monotonic() - killed:.2f} s after the kill")
 
-    with serving(tmp_path / "again.log", port, SCORING_DRAIN_S="5") as (base, process):
+    drain = {"SCORING_DRAIN_S": "5"}
+    with serving(tmp_path / "again.log", drain, port=port) as (base, process):
         assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
         runner_map = json.loads(worker(process, "scoring").environ()["BENTOML_RUNNER_MAP"])
         sockets = [Path(urlparse(uri).path) for uri in runner_map.values() if "file:" in uri]
@@ -135,7 +98,7 @@ def test_sigterm_drains_keep_alive_traffic_then_stops(demo_models, churn, tmp_pa
                     time.sleep(0.01)  # connection refused: do not spin
                 outcomes.append((sent, time.monotonic(), result))
 
-    with serving(tmp_path / "serve.log", SCORING_DRAIN_S=str(drain_s)) as (base, process):
+    with serving(tmp_path / "serve.log", {"SCORING_DRAIN_S": str(drain_s)}) as (base, process):
         threads = [threading.Thread(target=load, args=(base,)) for _ in range(8)]
         for thread in threads:
             thread.start()

@@ -3,7 +3,6 @@ requirements, and `bentoml serve` of the export outside the project with an empt
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -14,25 +13,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import PROJECT, free_port, stop, wait_for_http
+from .harness import (
+    build_bento,
+    free_port,
+    serve_command,
+    show_log,
+    start_process,
+    stop,
+    wait_for_http,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.export]
 
 # what a Bento may carry from this project; everything else stays out
-SOURCES = {"service.py", "configuration", "runners", "bentofile.yaml"}
-
-
-def build_bento() -> str:
-    """`bentoml build` of this project into the session's store (BENTOML_HOME); the Bento's tag."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
-        cwd=PROJECT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+SOURCES = {"service.py", "api", "configuration", "runners", "bentofile.yaml"}
 
 
 def uv() -> str:
@@ -81,25 +75,10 @@ def test_exported_bento_serves_from_a_fresh_environment(demo_models, churn, tmp_
         "SCORING_DRAIN_S": "0",  # stop at once
     }
     port = free_port()
-    with (tmp_path / "serve.log").open("wb") as log:
-        process = subprocess.Popen(
-            [
-                python,
-                "-m",
-                "bentoml",
-                "serve",
-                str(bento),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=elsewhere,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    log = tmp_path / "serve.log"
+    process = start_process(
+        serve_command(port, str(bento), python), log, env, cwd=elsewhere, inherit_env=False
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{base}/readyz", process, timeout_s=120)
@@ -113,7 +92,6 @@ def test_exported_bento_serves_from_a_fresh_environment(demo_models, churn, tmp_
         assert name == "churn-xgboost" and (bento / "models" / name / version).is_dir()
     finally:
         stop(process)
-        if os.environ.get("SCORING_TEST_SHOW_LOGS"):
-            print((tmp_path / "serve.log").read_text()[-5000:])
+        show_log(log)
     elapsed = time.monotonic() - started
     print(f"exported Bento: build, export, fresh venv, serve, predict in {elapsed:.1f} s")

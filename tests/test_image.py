@@ -18,8 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import IN_CI, PROJECT, free_port
-from .test_export import build_bento
+from .harness import IN_CI, PROJECT, build_bento, free_port
 
 IMAGE_SCRIPT = PROJECT / "packaging" / "image.sh"
 MANIFEST = PROJECT / "deploy" / "kubernetes.yaml"

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from api.prediction_log import PredictionLog
 from configuration import get_settings
 
-from .test_e2e_production import serving, wait_for_status
+from .harness import serving, wait_for_status
 
 KEY = "prediction-log-test-key"
 
@@ -56,7 +56,7 @@ def test_no_personal_data_reaches_any_log(demo_models, churn, tmp_path):
         emails.append(email)
         return {**churn.examples[0], "customer_id": f"C-{len(emails)}", "email": email, **changes}
 
-    with serving(server_log, **env) as (base, _):
+    with serving(server_log, env) as (base, _):
         post = lambda path, body: httpx.post(f"{base}{path}", json=body, timeout=60)  # noqa: E731
         assert post("/v1/predict", {"instance": row()}).status_code == 200
         assert post("/v1/predict", {"instance": row(), "explain": True}).status_code == 200

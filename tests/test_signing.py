@@ -8,8 +8,6 @@ import logging
 import os
 import shutil
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from configuration.signing import (
 )
 from runners.artifacts import IntegrityError, verified_file, warn_signatures_unverified
 
-from .conftest import PROJECT, free_port, start_process, stop
+from .harness import free_port, run_python, serve_command, show_log, start_process, stop
 
 TAG = "churn-xgboost:v1-0123456789ab"
 LABELS = {"registered_name": "churn-xgboost", "registered_version": "1", "alias": "champion"}
@@ -227,6 +225,7 @@ def test_without_the_public_key_a_worker_warns_once(demo_models, caplog):
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
 
 
+@pytest.mark.process
 def test_the_runners_load_signed_models_with_the_key_from_an_env_var(demo_models):
     """As a runner worker starts, with the public key's PEM text in SCORING_MODEL_PUBLIC_KEY."""
     script = (
@@ -239,15 +238,8 @@ def test_the_runners_load_signed_models_with_the_key_from_an_env_var(demo_models
         "    svc.inner()\n"
         "print('loaded')\n"
     )
-    env = {**os.environ, "SCORING_MODEL_PUBLIC_KEY": session_public_key()}
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=PROJECT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = {"SCORING_MODEL_PUBLIC_KEY": session_public_key()}
+    result = run_python("-c", script, env=env, timeout_s=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "loaded"
     assert "SCORING_MODEL_PUBLIC_KEY is unset" not in result.stderr
@@ -267,8 +259,7 @@ def test_a_served_tampered_model_is_refused_and_never_ready(demo_models, tmp_pat
     log = tmp_path / "serve.log"
     port = free_port()
     env = {"BENTOML_HOME": str(home), "SCORING_MODEL_PUBLIC_KEY": str(key)}
-    args = [sys.executable, "-m", "bentoml", "serve", "service:Scoring", "--port", str(port)]
-    process = start_process([*args, "--host", "127.0.0.1"], log, env)
+    process = start_process(serve_command(port), log, env)
     refusal = f"SignatureError: {served.tag}: {REFUSED}"  # raised in the runner's start-up
     try:
         deadline = time.monotonic() + 120
@@ -286,5 +277,4 @@ def test_a_served_tampered_model_is_refused_and_never_ready(demo_models, tmp_pat
         assert set(statuses) == {503}, statuses
     finally:
         stop(process)
-        if os.environ.get("SCORING_TEST_SHOW_LOGS"):
-            print(log.read_text()[-8000:])
+        show_log(log)

@@ -11,8 +11,9 @@ from sqlalchemy import text
 from batch.scoring import resolve_models, run
 from training.data import generate_churn
 
-from .conftest import IN_CI
-from .test_batch import connect
+from .harness import IN_CI, connect
+
+pytestmark = pytest.mark.process  # a Spark JVM
 
 
 @pytest.fixture(scope="module")

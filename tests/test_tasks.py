@@ -5,32 +5,47 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from api.tasks import IdempotencyConflict, TaskStore, merge
 
-from .conftest import IN_CI
-from .test_batch import POSTGRES_URL
+from .harness import connect
+
+RETENTION_S = 3600.0
+LEASE_S = 30.0
+CLAIM_PAUSE_TIMEOUT_S = 60
+CLOCK_START = datetime(2030, 1, 1, tzinfo=UTC)  # any instant: a store compares only its own times
+
+
+class Clock:
+    """A clock that stands still until the test moves it: `advance(seconds)`."""
+
+    def __init__(self) -> None:
+        self.moment = CLOCK_START
+
+    def __call__(self) -> datetime:
+        return self.moment
+
+    def advance(self, seconds: float) -> None:
+        self.moment += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'tasks.db'}"
-    engine = create_engine(POSTGRES_URL)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("DROP TABLE IF EXISTS scoring_tasks"))
-    except Exception as exc:  # any failure to connect means: no server here
-        message = f"PostgreSQL at {POSTGRES_URL} unreachable: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    finally:
-        engine.dispose()
-    return POSTGRES_URL
+    postgres_url = request.getfixturevalue("postgres_url")
+    with connect(postgres_url, begin=True) as conn:
+        conn.execute(text("DROP TABLE IF EXISTS scoring_tasks"))
+    return postgres_url
 
 
 @pytest.fixture
@@ -39,7 +54,7 @@ def store():
     opened: list[TaskStore] = []
 
     def open_store(url: str, **options) -> TaskStore:
-        settings = {"retention_s": 3600.0, "lease_s": 30.0, "max_attempts": 3, **options}
+        settings = {"retention_s": RETENTION_S, "lease_s": LEASE_S, "max_attempts": 3, **options}
         opened.append(TaskStore(url, **settings))
         return opened[-1]
 
@@ -80,27 +95,27 @@ def test_each_task_is_claimed_by_exactly_one_worker(url, store):
     assert sorted(claimed) == sorted(submitted)  # every task once, none twice
 
 
-def test_a_task_whose_worker_died_is_claimed_again_then_given_up(url, store):
-    tasks = store(url, lease_s=0.2, max_attempts=2)
+def test_a_task_whose_worker_died_is_claimed_again_then_given_up(url, store, clock):
+    tasks = store(url, max_attempts=2, clock=clock)
     task, _ = tasks.submit(b"[1]", 1, None)
     assert tasks.claim() == (task.id, "[1]")
     assert tasks.claim() is None  # leased to the first worker
-    time.sleep(0.3)  # the first worker died: its lease expires
+    clock.advance(LEASE_S + 1)  # the first worker died: its lease expires
     assert tasks.claim() == (task.id, "[1]")
     assert tasks.get(task.id).attempts == 2  # type: ignore[union-attr]
-    time.sleep(0.3)  # died again: no attempt left
+    clock.advance(LEASE_S + 1)  # died again: no attempt left
     assert tasks.claim() is None
     failed = tasks.get(task.id)
     assert failed is not None and failed.status == "failed"
     assert "abandoned after 2 attempts" in str(failed.error)
 
 
-def test_a_renewed_lease_keeps_the_task(url, store):
-    tasks = store(url, lease_s=0.3)
+def test_a_renewed_lease_keeps_the_task(url, store, clock):
+    tasks = store(url, clock=clock)
     task, _ = tasks.submit(b"[1]", 1, None)
     tasks.claim()
-    for _ in range(3):
-        time.sleep(0.15)
+    for _ in range(3):  # 1.5 leases in all: without the renewals it would have expired
+        clock.advance(LEASE_S / 2)
         tasks.renew(task.id)
     assert tasks.claim() is None
 
@@ -117,14 +132,14 @@ def test_a_failed_attempt_is_retried_while_attempts_remain(url, store):
     assert final is not None and final.status == "failed" and "after 2 attempts" in str(final.error)
 
 
-def test_results_are_kept_until_retention_then_deleted(url, store):
-    tasks = store(url, retention_s=0.5)
+def test_results_are_kept_until_retention_then_deleted(url, store, clock):
+    tasks = store(url, clock=clock)
     task, _ = tasks.submit(b"[1]", 1, None)
     tasks.claim()
     tasks.finish(task.id, '{"predictions": [1]}')
     assert tasks.get(task.id).status == "succeeded"  # type: ignore[union-attr]
     assert tasks.result(task.id) == '{"predictions": [1]}'
-    time.sleep(0.6)
+    clock.advance(RETENTION_S + 1)
     assert tasks.get(task.id) is None
     assert tasks.purge() == 1
     assert tasks.result(task.id) is None
@@ -154,13 +169,25 @@ class TestTaskRoutes:
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "payload_too_large"
 
-    def test_a_task_is_scored_like_predict_batch(self, api_client, churn):
+    def test_a_task_is_scored_like_predict_batch(self, api_client, churn, monkeypatch):
         rows = [dict(churn.examples[i % 2], customer_id=f"T-{i}") for i in range(1200)]
         rows[700] = {**rows[700], "age": 7}
-        submitted = api_client.post("/v1/tasks", json={"instances": rows})
-        assert submitted.status_code == 202
-        task_id = submitted.json()["task_id"]
-        assert api_client.get(f"/v1/tasks/{task_id}/result").status_code in (200, 409)
+        with monkeypatch.context() as paused:  # the service's worker claims nothing meanwhile
+            polled = threading.Event()
+
+            def claim_nothing(tasks: TaskStore) -> None:
+                polled.set()
+
+            paused.setattr(TaskStore, "claim", claim_nothing)
+            # a poll after the pause began: no claim from before it can still take the task
+            assert polled.wait(CLAIM_PAUSE_TIMEOUT_S), "the task worker never polled"
+            submitted = api_client.post("/v1/tasks", json={"instances": rows})
+            assert submitted.status_code == 202
+            task_id = submitted.json()["task_id"]
+            early = api_client.get(f"/v1/tasks/{task_id}/result")
+            assert early.status_code == 409, early.text  # not finished: no result yet
+            assert early.json()["error"]["code"] == "conflict"
+            assert api_client.get(f"/v1/tasks/{task_id}").json()["status"] == "queued"
         deadline = time.monotonic() + 60
         while api_client.get(f"/v1/tasks/{task_id}").json()["status"] != "succeeded":
             assert time.monotonic() < deadline, "task not done within 60 s"

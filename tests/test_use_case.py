@@ -27,14 +27,41 @@ def write_use_case(tmp_path: Path, name: str, mutate) -> Path:
     return path
 
 
-def test_both_shipped_use_cases_load_with_examples_that_pass_their_contract():
-    assert SHIPPED == ["breast_cancer", "churn"]
-    for name in SHIPPED:
-        use_case = load_use_case(USE_CASE_DIR / f"{name}.yaml")
-        contract = contract_for(use_case)
-        assert use_case.examples, name
-        for example in use_case.examples:
-            contract.Row.model_validate(example)
+def row_from_schema(use_case, bound: str) -> dict:
+    """A row built from the declared features alone (`examples` are optional): every numeric
+    feature at its `bound` ("min" or "max"), the first or last category, True or False."""
+    first = bound == "min"
+    values = {
+        "numeric": lambda f: getattr(f, bound),
+        "categorical": lambda f: f.categories[0 if first else -1],
+        "boolean": lambda f: first,
+        "text": lambda f: "x" * (1 if first else f.max_length),
+    }
+    return {f.name: values[f.type](f) for f in use_case.features}
+
+
+def test_the_demo_use_cases_are_shipped():
+    assert {"breast_cancer", "churn"} <= set(SHIPPED)
+    for name in ("breast_cancer", "churn"):
+        assert load_use_case(USE_CASE_DIR / f"{name}.yaml").examples, name
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_use_case_loads_and_rows_at_its_bounds_and_examples_pass_its_contract(name):
+    use_case = load_use_case(USE_CASE_DIR / f"{name}.yaml")
+    contract = contract_for(use_case)
+    for row in [row_from_schema(use_case, "min"), row_from_schema(use_case, "max")]:
+        contract.Row.model_validate(row)
+    for example in use_case.examples:
+        contract.Row.model_validate(example)
+
+
+def test_a_use_case_without_examples_loads_and_its_contract_has_no_example(tmp_path):
+    use_case = load_use_case(write_use_case(tmp_path, "plain", lambda r: r.pop("examples")))
+    assert use_case.examples == ()
+    row_model = contract_for(use_case).Row
+    assert "example" not in row_model.model_json_schema()
+    row_model.model_validate(row_from_schema(use_case, "min"))
 
 
 def test_churn_declares_mixed_features_with_pii_kept_out_of_the_model(churn):
