@@ -12,7 +12,7 @@ from fastapi import FastAPI, Header
 from pydantic_core import to_json
 from starlette.responses import JSONResponse, Response
 
-from api.answers import predictions
+from api.answers import Scored, predictions
 from api.background import Background
 from api.contract import (
     API_PREFIX,
@@ -39,7 +39,7 @@ from api.errors import (
 from api.openapi import OpenAPIDocument
 from api.prediction_log import PredictionLog
 from api.routing import RoutingError, initial_routing, model_info
-from api.scorer import Runners, Scored, Scorer
+from api.scorer import Runners, Scorer
 from configuration import current_use_case, get_settings
 from configuration.logs import redact_logs
 from runners.artifacts import served_model

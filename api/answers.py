@@ -1,16 +1,30 @@
-"""Responses of the API service, built from the policy's decisions: predictions as plain dicts
+"""A request's answers (`Scored`) and the responses built from them: predictions as plain dicts
 (the shape of the contract's `Prediction`) and explanations mapped back to raw features."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from api.routing import Arm
+from api.routing import Arm, Routing
 from configuration import UseCase
 from configuration.policy import NO_LABEL, Decisions
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A request's answers: the decisions, the routing that gave them, the arm of each row,
+    the answering arms' probabilities (NaN where the model did not answer) and, in shadow mode
+    when the runners answered, the challenger's."""
+
+    decisions: Decisions
+    routing: Routing
+    arms: list[Arm]
+    probabilities: np.ndarray
+    shadow: np.ndarray | None = None
 
 
 def predictions(

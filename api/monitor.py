@@ -7,20 +7,18 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING, Any, get_args
+from typing import Any, get_args
 
 import numpy as np
 
 from api import metrics
+from api.answers import Scored
 from api.routing import Arm, Routing
 from configuration import Settings, UseCase
 from configuration.drift import SCORE, DriftWindow
 from configuration.policy import FallbackReason, decide
 from configuration.signing import SignatureError
 from runners.artifacts import verified_file
-
-if TYPE_CHECKING:
-    from api.scorer import Scored
 
 LOG = logging.getLogger(__name__)
 DRIFT_BATCH_ROWS = 256  # rows buffered before they are binned into the drift window

@@ -15,12 +15,12 @@ import httpx
 import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
-from api.answers import Explainer
+from api.answers import Explainer, Scored
 from api.coalescing import Coalescer
 from api.monitor import Monitor
 from api.routing import Arm, Routing, routing_from_spec
 from configuration import Settings, UseCase
-from configuration.policy import Decisions, FallbackReason, decide
+from configuration.policy import FallbackReason, decide
 
 LOG = logging.getLogger(__name__)
 NOT_READY_ERRORS = (ServiceUnavailable, httpx.TransportError, OSError)
@@ -36,19 +36,6 @@ class Runners:
     contributions: Callable[[np.ndarray], Awaitable[np.ndarray]]
     load_preprocessor: Callable[[str], Awaitable[str]]
     load_model: Callable[[str], Awaitable[str]]
-
-
-@dataclass(frozen=True)
-class Scored:
-    """A request's answers: the decisions, the routing that gave them, the arm of each row,
-    the answering arms' probabilities (NaN where the model did not answer) and, in shadow mode
-    when the runners answered, the challenger's."""
-
-    decisions: Decisions
-    routing: Routing
-    arms: list[Arm]
-    probabilities: np.ndarray
-    shadow: np.ndarray | None = None
 
 
 class Scorer:
