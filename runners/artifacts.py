@@ -37,10 +37,13 @@ def served_model(service: Any) -> bentoml.Model:
 
 @cache
 def warn_signatures_unverified() -> None:
-    """Say once per process that model signatures go unchecked."""
-    LOG.warning(
+    """Say once per process that model signatures go unchecked: a warning from the API worker
+    (or a CLI), the same line at INFO from the runner workers, so a server says it once."""
+    runner = bentoml.server_context.service_type == "service"
+    LOG.log(
+        logging.INFO if runner else logging.WARNING,
         "model signatures are not verified because SCORING_MODEL_PUBLIC_KEY is unset: a model "
-        "file is only checked against the SHA-256 stored beside it, in the same store"
+        "file is only checked against the SHA-256 stored beside it, in the same store",
     )
 
 
