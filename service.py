@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import bentoml
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, WebSocket
 from pydantic_core import to_json
 from starlette.responses import JSONResponse, Response
 
@@ -17,6 +17,7 @@ from api.background import Background
 from api.contract import (
     API_PREFIX,
     ROUTE_ERRORS,
+    SSE_EVENT,
     DriftReport,
     ModelInfo,
     RoutingChange,
@@ -28,6 +29,7 @@ from api.contract import (
 from api.errors import (
     Conflict,
     ContractMiddleware,
+    Forbidden,
     InferenceFailed,
     InferenceTimeout,
     NotFound,
@@ -114,6 +116,15 @@ class Scoring:
             max_attempts=SETTINGS.task_max_attempts,
         )
         self.routing_table = RoutingTable(self.tasks.engine)
+        from api.webhooks import DeliveryStore, WebhookSender
+
+        self.deliveries = DeliveryStore(
+            self.tasks,
+            max_attempts=SETTINGS.webhook_max_attempts,
+            backoff_s=SETTINGS.webhook_backoff_s,
+            backoff_cap_s=SETTINGS.webhook_backoff_cap_s,
+        )
+        senders = (WebhookSender(self.deliveries, SETTINGS).run,) if SETTINGS.webhook_secret else ()
         self.runner_probe = lifecycle.RunnerProbe(
             lambda: {"preprocessor": self.preprocessor, "model": self.model}
         )
@@ -123,7 +134,7 @@ class Scoring:
             self.tasks,
             self.routing_table,
             lambda rows: self._score_instances(rows, route="task"),
-            also=(self.runner_probe.run,),
+            also=(self.runner_probe.run, *senders),
         )
         self.draining = lifecycle.draining
         lifecycle.start_worker(SETTINGS.drain_s)  # in a worker: exit with it, drain on SIGTERM
@@ -271,26 +282,78 @@ class Scoring:
         if len(rows) > SETTINGS.task_max_rows:
             message = f"{len(rows)} rows exceed the cap of {SETTINGS.task_max_rows}"
             return error_response(PayloadTooLarge(message))
-        from api.tasks import IdempotencyConflict, task_body
+        from api.egress import RefusedURL, check_url
+        from api.tasks import IdempotencyConflict
 
+        webhook = request.webhook  # type: ignore[attr-defined]
+        if webhook is not None:
+            if SETTINGS.webhook_secret is None:
+                return error_response(Forbidden("webhooks are off: no webhook secret is set"))
+            try:
+                await check_url(webhook.url, tuple(SETTINGS.webhook_allowed_hosts))
+            except RefusedURL as exc:
+                return error_response(Forbidden(f"webhook.url refused: {exc}"))
+        subscription = None if webhook is None else (webhook.url, tuple(webhook.events))
         try:
             task, created = await asyncio.to_thread(
-                self.tasks.submit, to_json(rows), len(rows), idempotency_key
+                self.tasks.submit, to_json(rows), len(rows), idempotency_key, subscription
             )
         except IdempotencyConflict as exc:
             return error_response(Conflict(str(exc)))
-        body = task_body(task, USE_CASE.contract_version, API_PREFIX)
+        body = await self._task_body(task)
         return JSONResponse(body, status_code=202 if created else 200)
+
+    async def _task_body(self, task: Any) -> dict[str, Any]:
+        """TaskInfo: the task, its links and its webhook's deliveries."""
+        from api.tasks import task_body
+
+        body = task_body(task, USE_CASE.contract_version, API_PREFIX)
+        if (webhook := await asyncio.to_thread(self.tasks.webhook, task.id)) is not None:
+            deliveries = await asyncio.to_thread(self.deliveries.of_task, task.id)
+            body["webhook"] = {"url": webhook[0], "events": webhook[1], "deliveries": deliveries}
+        return body
 
     @info_app.get("/tasks/{task_id}", response_model=TaskInfo)
     async def task_status(self, task_id: str) -> Response:
-        """A task's status: queued, running, succeeded or failed (404 once expired)."""
-        from api.tasks import task_body
-
+        """A task's status: queued, running, succeeded or failed (404 once expired), and the
+        deliveries of its webhook."""
         task = await asyncio.to_thread(self.tasks.get, task_id)
         if task is None:
             return error_response(NotFound(f"no task {task_id} (unknown, or past retention)"))
-        return JSONResponse(task_body(task, USE_CASE.contract_version, API_PREFIX))
+        return JSONResponse(await self._task_body(task))
+
+    @info_app.get(
+        "/tasks/{task_id}/events",
+        response_class=Response,
+        responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}},
+    )
+    async def task_events(
+        self,
+        task_id: str,
+        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    ) -> Response:
+        """The task's events as server-sent events, as they are stored: `progress` (rows_done,
+        rows_total), `predictions` (each scored chunk in predict_batch's shape, `start` its first
+        row), then one `completed` or `failed`, and the stream ends. Each has an `id`: send the
+        last one received as `Last-Event-ID` to resume after it. Comments keep idle streams
+        open."""
+        from sse_starlette import EventSourceResponse
+
+        from api.streams import sse_events
+
+        if await asyncio.to_thread(self.tasks.get, task_id) is None:
+            return error_response(NotFound(f"no task {task_id} (unknown, or past retention)"))
+        after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+        events = sse_events(self.tasks, task_id, after, SETTINGS.events_poll_s)
+        return EventSourceResponse(events, ping=SETTINGS.events_heartbeat_s)
+
+    @info_app.websocket("/ws")
+    async def score_socket(self, websocket: WebSocket) -> None:
+        """Rows in, each prediction out as soon as it is scored (api/streams.py)."""
+        from api.streams import ScoringSocket
+
+        score = lambda rows: self._score_instances(rows, route="ws")  # noqa: E731
+        await ScoringSocket(websocket, score, self.tasks, SETTINGS).serve()
 
     @info_app.get("/tasks/{task_id}/result", response_model=PredictBatchResponse)
     async def task_result(self, task_id: str) -> Response:
@@ -356,4 +419,5 @@ cast(Any, Scoring).add_asgi_middleware(  # a bentoml.Service at run time
     max_concurrency=SETTINGS.api_max_concurrency,
     timeout_s=SETTINGS.request_timeout_s,
     body_limits={f"{API_PREFIX}/tasks": SETTINGS.task_max_body_bytes},
+    streams=frozenset((f"{API_PREFIX}/tasks/{{task_id}}/events",)),
 )

@@ -27,9 +27,12 @@ ROUTE_ERRORS: dict[str, dict[str, tuple[int, ...]]] = {
     f"{API_PREFIX}/explain": {"post": (400, 413, 429, 503, 504)},
     f"{API_PREFIX}/model": {"get": (429,)},
     f"{API_PREFIX}/drift": {"get": (429,)},
-    f"{API_PREFIX}/tasks": {"post": (400, 409, 413, 429, 504)},
+    f"{API_PREFIX}/tasks": {"post": (400, 403, 409, 413, 429, 504)},
     f"{API_PREFIX}/tasks/{{task_id}}": {"get": (404, 429)},
     f"{API_PREFIX}/tasks/{{task_id}}/result": {"get": (404, 409, 429)},
+    f"{API_PREFIX}/tasks/{{task_id}}/events": {"get": (404, 429)},
+    # a WebSocket (not in the OpenAPI document): 429 instead of the handshake over the limit
+    f"{API_PREFIX}/ws": {"get": (429,)},
     f"{API_PREFIX}/admin/routing": {"get": (401, 403, 404), "put": (400, 401, 403, 404, 503)},
 }
 STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -136,6 +139,57 @@ class RoutingChange(RoutingInfo):
     swap_s: float = Field(description="Seconds to load, verify and warm the versions and swap.")
 
 
+WebhookEvent = Literal["completed", "failed"]
+# one server-sent event as a client reads it: `data` is JSON text
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"enum": ["predictions", "progress", "completed", "failed"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["id", "event", "data"],
+}
+
+
+class WebhookSpec(BaseModel):
+    """Where to deliver the task's terminal events: a signed POST (Standard Webhooks)."""
+
+    model_config = REQUEST
+
+    url: str = Field(
+        max_length=2048,
+        # printable ASCII only: one meaning in every regex engine (pydantic's, hypothesis')
+        pattern=r"^https?://[!-~]+$",
+        description="http(s) URL whose host is on the service's allowlist and resolves to a "
+        "public address (else 403).",
+    )
+    events: list[WebhookEvent] = Field(
+        ["completed", "failed"], min_length=1, max_length=2, description="Events to deliver."
+    )
+
+
+class WebhookAttempt(BaseModel):
+    at: str
+    status_code: int | None = Field(description="The receiver's answer; null if none came.")
+    error: str | None = None
+
+
+class WebhookDelivery(BaseModel):
+    webhook_id: str = Field(description="The `webhook-id` header: the same on every retry.")
+    event: WebhookEvent
+    status: Literal["pending", "delivered", "failed"]
+    attempts: list[WebhookAttempt]
+    next_attempt_at: str | None
+    delivered_at: str | None
+
+
+class TaskWebhook(BaseModel):
+    url: str
+    events: list[WebhookEvent]
+    deliveries: list[WebhookDelivery]
+
+
 class TaskInfo(BaseModel):
     task_id: str
     status: Literal["queued", "running", "succeeded", "failed"]
@@ -147,7 +201,8 @@ class TaskInfo(BaseModel):
     expires_at: str = Field(description="When the task and its result are deleted.")
     error: str | None
     contract_version: int
-    links: dict[str, str]
+    links: dict[str, str] = Field(description="status, result and events (the event stream).")
+    webhook: TaskWebhook | None = Field(None, description="Deliveries of the task's webhook.")
 
 
 class DriftReport(BaseModel):
@@ -365,6 +420,10 @@ class Contract:
                     "rows reported by index in the result.",
                     json_schema_extra={"items": {"anyOf": [self.Row.model_json_schema(), {}]}},
                 ),
+            ),
+            webhook=(
+                WebhookSpec | None,
+                Field(None, description="Deliver the task's completion to this URL, signed."),
             ),
         )
 

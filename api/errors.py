@@ -178,7 +178,11 @@ class ContractMiddleware:
 
     The limit and the timeout are enforced here rather than with BentoML's `traffic` options:
     those run outside every user middleware, so their 429 and 504 bodies could not be given
-    our shape."""
+    our shape.
+
+    WebSocket connections under `prefix` count as requests in progress for as long as they are
+    open (one refused over the limit gets a 429 instead of the handshake); routes in `streams`
+    (event streams) have no timeout."""
 
     def __init__(
         self,
@@ -191,6 +195,7 @@ class ContractMiddleware:
         timeout_s: float,
         body_limits: dict[str, int] | None = None,
         routes: RouteTable | None = None,
+        streams: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.prefix = prefix
@@ -200,6 +205,7 @@ class ContractMiddleware:
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.in_flight = 0
+        self.streams = streams
         if ACCESS.level == logging.NOTSET:  # BentoML leaves non-bentoml loggers at WARNING
             ACCESS.setLevel(logging.INFO)
         self.routes = [
@@ -218,6 +224,9 @@ class ContractMiddleware:
         return "/" + head[:40] + ("/..." if rest else ""), None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"].startswith(self.prefix):
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http" or scope["path"] in QUIET_PATHS:
             await self.app(scope, receive, send)
             return
@@ -236,7 +245,7 @@ class ContractMiddleware:
             else:
                 self.in_flight += 1
                 try:
-                    await self._handle(scope, receive, sender)
+                    await self._handle(scope, receive, sender, route in self.streams)
                 finally:
                     self.in_flight -= 1
         finally:
@@ -252,7 +261,44 @@ class ContractMiddleware:
                 rid.decode(),
             )
 
-    async def _handle(self, scope: Scope, receive: Receive, send: _ErrorRewriter) -> None:
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket: refused with 429 over the limit (a close before the handshake where
+        the server cannot send a response), else counted while open; one access line."""
+        started = time.perf_counter()
+        rid = request_id(scope)
+        status = 101
+        try:
+            if self.in_flight >= self.max_concurrency:
+                status = 429
+                await receive()  # websocket.connect
+                if "websocket.http.response" in scope.get("extensions", {}):
+                    message = "too many requests in progress: retry later"
+                    body = {**envelope(429, message), "contract_version": self.contract_version}
+                    data = json.dumps(body).encode()
+                    headers = [(b"content-type", b"application/json"), (b"x-request-id", rid)]
+                    start = {"status": 429, "headers": headers}
+                    await send({"type": "websocket.http.response.start", **start})
+                    await send({"type": "websocket.http.response.body", "body": data})
+                else:
+                    await send({"type": "websocket.close", "code": 1013})
+                return
+            self.in_flight += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+        finally:
+            ACCESS.info(
+                "WEBSOCKET %s %d %.1fms rid=%s",
+                self.route_of(scope["path"])[0],
+                status,
+                (time.perf_counter() - started) * 1000,
+                rid.decode(),
+            )
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: _ErrorRewriter, stream: bool = False
+    ) -> None:
         max_bytes = self.body_limits.get(scope["path"], self.max_body_bytes)
         if _declared_length(scope) > max_bytes:
             await send.error(413, f"request body exceeds {max_bytes} bytes")
@@ -273,6 +319,9 @@ class ContractMiddleware:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
+        if stream:  # answers for as long as the client listens: no timeout
+            await self.app(scope, replay, send)
+            return
         try:
             await asyncio.wait_for(self.app(scope, replay, send), self.timeout_s)
         except TimeoutError:

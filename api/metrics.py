@@ -96,3 +96,16 @@ def drift_psi() -> Gauge:
         ["feature", "model_version"],
         multiprocess_mode="mostrecent",
     )
+
+
+@functools.cache
+def webhook_deliveries() -> Counter:
+    """Webhook delivery attempts by outcome: sent (2xx), retried (to be tried again), failed
+    (no attempt left) (`scoring_webhook_deliveries_total{outcome}`)."""
+    from prometheus_client import Counter
+
+    return Counter(
+        "scoring_webhook_deliveries",
+        "Webhook delivery attempts: sent (2xx), retried (will be tried again), failed (gave up).",
+        ["outcome"],
+    )

@@ -21,7 +21,7 @@ SCHEMA_REF = "#/components/schemas/{model}"
 WHEN = {
     400: "Invalid input: malformed JSON or a field outside the contract (`details` per field).",
     401: "No bearer token.",
-    403: "A wrong bearer token.",
+    403: "A wrong bearer token; a webhook URL the service may not call (or webhooks off).",
     404: "No such resource (admin routes: also when no admin token is configured).",
     409: "The resource is not in a state that allows this (e.g. a task not finished).",
     413: "The body or the number of rows is over the limit.",
@@ -103,6 +103,8 @@ def declare_errors(spec: dict[str, Any], errors: dict[str, dict[str, tuple[int, 
         if k != "$defs"
     }
     for path, methods in errors.items():
+        if path not in spec["paths"]:  # a WebSocket route: not in an OpenAPI document
+            continue
         for method, statuses in methods.items():
             operation = spec["paths"][path][method]
             responses = {

@@ -9,6 +9,12 @@ same idempotency key returns the existing task (a different payload under the sa
 conflict). The routing an admin call set lives in the same database
 (`api/routing_table.py`).
 
+Each task has an event log beside it (`scoring_task_events`): every scored chunk (`predictions`)
+and `progress` as the worker stores it, then one terminal `completed` or `failed`, numbered per
+task from 1. The streams (`api/streams.py`) read it, so they work from any replica and across
+restarts; a worker that takes over a task resumes after the last stored chunk. A task's webhook
+subscription (`scoring_task_webhooks`) is stored with it; `api/webhooks.py` delivers.
+
 Only the API worker needs this module (and SQLAlchemy): `service.py` imports it where the API
 worker uses it, so that the runner workers, which import `service.py` too, start faster.
 """
@@ -31,10 +37,13 @@ from sqlalchemy import (
     DateTime,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
+    UniqueConstraint,
     delete,
+    func,
     insert,
     or_,
     select,
@@ -49,6 +58,20 @@ LOG = logging.getLogger(__name__)
 PURGE_EVERY_S = 60.0
 
 TaskStatus = Literal["queued", "running", "succeeded", "failed"]
+TERMINAL_EVENTS = ("completed", "failed")
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """One stored event of a task: `seq` counts from 1 per task (the SSE `id`), `data` is JSON."""
+
+    seq: int
+    kind: str
+    data: str
+
+
+class LostLease(RuntimeError):
+    """Another worker stored this chunk first: the caller no longer owns the task."""
 
 
 class IdempotencyConflict(ValueError):
@@ -97,7 +120,7 @@ def task_body(task: Task, contract_version: int, prefix: str) -> dict[str, Any]:
     return {
         **task.public(),
         "contract_version": contract_version,
-        "links": {"status": base, "result": f"{base}/result"},
+        "links": {"status": base, "result": f"{base}/result", "events": f"{base}/events"},
     }
 
 
@@ -138,15 +161,43 @@ class TaskStore:
             Column("lease_until", DateTime(timezone=True)),
             Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
         )
+        self.events = Table(
+            "scoring_task_events",
+            metadata,
+            Column("task_id", String(36), nullable=False),
+            Column("seq", Integer, nullable=False),
+            Column("kind", String(16), nullable=False),
+            # first row of a `predictions` chunk: one chunk per start, whoever stores it
+            Column("row_start", Integer),
+            Column("data", Text, nullable=False),
+            Column("created_at", DateTime(timezone=True), nullable=False),
+            PrimaryKeyConstraint("task_id", "seq"),
+            UniqueConstraint("task_id", "row_start"),
+        )
+        self.webhooks = Table(
+            "scoring_task_webhooks",
+            metadata,
+            Column("task_id", String(36), primary_key=True),
+            Column("url", Text, nullable=False),
+            Column("events", String(64), nullable=False),  # comma-separated event kinds
+        )
+        self.metadata = metadata  # api/webhooks.py adds its deliveries table to it
         metadata.create_all(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
 
     # ---- submit and read -----------------------------------------------------------------
-    def submit(self, payload: bytes, rows: int, key: str | None) -> tuple[Task, bool]:
-        """(task, created). With a known `key`, the existing task (created False)."""
-        digest = hashlib.sha256(payload).hexdigest()
+    def submit(
+        self,
+        payload: bytes,
+        rows: int,
+        key: str | None,
+        webhook: tuple[str, tuple[str, ...]] | None = None,
+    ) -> tuple[Task, bool]:
+        """(task, created). With a known `key`, the existing task (created False). `webhook`:
+        (url, event kinds) to deliver this task's events to."""
+        digest = hashlib.sha256(payload + (to_json(webhook) if webhook else b"")).hexdigest()
         if key is not None and (existing := self._by_key(key)) is not None:
             return self._same_payload(existing, digest), False
         created = self.clock()
@@ -165,6 +216,9 @@ class TaskStore:
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(self.table).values(**values))
+                if webhook is not None:
+                    subscription = {"url": webhook[0], "events": ",".join(webhook[1])}
+                    conn.execute(insert(self.webhooks).values(task_id=values["id"], **subscription))
         except IntegrityError:  # the same key, submitted concurrently: that one won
             existing = self._by_key(str(key)) if key is not None else None
             if existing is None:
@@ -228,6 +282,45 @@ class TaskStore:
                 select(self.table.c.result).where(self.table.c.id == task_id)
             ).scalar_one_or_none()
 
+    def webhook(self, task_id: str) -> tuple[str, tuple[str, ...]] | None:
+        """(url, event kinds) the task's events are delivered to, if any."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(self.webhooks.c.url, self.webhooks.c.events).where(
+                    self.webhooks.c.task_id == task_id
+                )
+            ).one_or_none()
+        return None if row is None else (row.url, tuple(row.events.split(",")))
+
+    def events_after(self, task_id: str, after: int, limit: int = 100) -> list[TaskEvent]:
+        """The task's events numbered above `after`, oldest first, at most `limit`."""
+        e = self.events.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(e.seq, e.kind, e.data)
+                .where((e.task_id == task_id) & (e.seq > after))
+                .order_by(e.seq)
+                .limit(limit)
+            ).all()
+        return [TaskEvent(row.seq, row.kind, row.data) for row in rows]
+
+    def _append(self, conn: Any, task_id: str, kind: str, data: Any, row_start: int | None = None):
+        """Add an event after the task's last one, in `conn`'s transaction; its number."""
+        e = self.events.c
+        last = conn.execute(select(func.max(e.seq)).where(e.task_id == task_id)).scalar()
+        seq = int(last or 0) + 1
+        conn.execute(
+            insert(self.events).values(
+                task_id=task_id,
+                seq=seq,
+                kind=kind,
+                row_start=row_start,
+                data=to_json(data).decode(),
+                created_at=self.clock(),
+            )
+        )
+        return seq
+
     # ---- the worker's side ------------------------------------------------------------------
     def claim(self) -> tuple[str, str] | None:
         """(task id, payload) of the oldest claimable task, now leased to the caller: queued,
@@ -264,21 +357,73 @@ class TaskStore:
         """A task whose worker died `max_attempts` times fails instead of being claimed again."""
         t = self.table.c
         moment = self.clock()
+        error = f"abandoned after {self.max_attempts} attempts"
+        abandoned = (
+            (t.status == "running") & (t.lease_until < moment) & (t.attempts >= self.max_attempts)
+        )
         with self.engine.begin() as conn:
-            conn.execute(
-                update(self.table)
-                .where(
-                    (t.status == "running")
-                    & (t.lease_until < moment)
-                    & (t.attempts >= self.max_attempts)
+            for task_id in conn.execute(select(t.id).where(abandoned)).scalars().all():
+                won = conn.execute(
+                    update(self.table)
+                    .where((t.id == task_id) & abandoned)
+                    .values(status="failed", error=error, updated_at=moment, lease_until=None)
+                ).rowcount
+                if won:
+                    failed = {"task_id": task_id, "status": "failed", "error": error}
+                    self._append(conn, task_id, "failed", failed)
+
+    def rows_stored(self, task_id: str) -> int:
+        """Rows of the task whose chunks are stored already (where a new attempt resumes)."""
+        e = self.events.c
+        with self.engine.connect() as conn:
+            data = conn.execute(
+                select(e.data)
+                .where((e.task_id == task_id) & (e.kind == "predictions"))
+                .order_by(e.seq.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+        if data is None:
+            return 0
+        chunk = json.loads(data)
+        return int(chunk["start"]) + len(chunk["predictions"])
+
+    def store_chunk(self, task_id: str, start: int, body: dict[str, Any], total: int) -> None:
+        """Store a scored chunk (predict_batch's body for rows `start`...; error indexes
+        counted from the task's start) and the progress it makes, and renew the lease. Raises
+        LostLease when another worker stored this chunk first."""
+        chunk = {**body, "start": start, "errors": shifted(body["errors"], start)}
+        done = {"rows_done": start + len(body["predictions"]), "rows_total": total}
+        moment = self.clock()
+        try:
+            with self.engine.begin() as conn:
+                self._append(conn, task_id, "predictions", chunk, row_start=start)
+                self._append(conn, task_id, "progress", done)
+                conn.execute(
+                    update(self.table)
+                    .where((self.table.c.id == task_id) & (self.table.c.status == "running"))
+                    .values(lease_until=moment + self.lease, updated_at=moment)
                 )
-                .values(
-                    status="failed",
-                    error=f"abandoned after {self.max_attempts} attempts",
-                    updated_at=moment,
-                    lease_until=None,
-                )
-            )
+        except IntegrityError as exc:
+            raise LostLease(
+                f"chunk {start} of task {task_id} was stored by another worker"
+            ) from exc
+
+    def stored_result(self, task_id: str) -> dict[str, Any]:
+        """The task's stored chunks merged into predict_batch's shape."""
+        e = self.events.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(e.data)
+                .where((e.task_id == task_id) & (e.kind == "predictions"))
+                .order_by(e.row_start)
+            ).scalars()
+            chunks = [json.loads(data) for data in rows]
+        merged: dict[str, Any] = {**chunks[0], "predictions": [], "errors": []}
+        merged.pop("start")
+        for chunk in chunks:
+            merged["predictions"].extend(chunk["predictions"])
+            merged["errors"].extend(chunk["errors"])
+        return merged
 
     def renew(self, task_id: str) -> None:
         """Extend the lease of a task the caller is still working on."""
@@ -290,8 +435,14 @@ class TaskStore:
                 .values(lease_until=moment + self.lease, updated_at=moment)
             )
 
-    def finish(self, task_id: str, result: str) -> None:
-        self._close(task_id, status="succeeded", result=result)
+    def finish(self, task_id: str, result: str, errors: int = 0) -> None:
+        """Store the result and the `completed` event."""
+        rows = self.table.c.rows
+        with self.engine.begin() as conn:
+            total = conn.execute(select(rows).where(self.table.c.id == task_id)).scalar_one()
+            done = {"task_id": task_id, "status": "succeeded", "rows": total, "errors": errors}
+            if self._close(task_id, conn, status="succeeded", result=result):
+                self._append(conn, task_id, "completed", done)
 
     def retry_or_fail(self, task_id: str, error: str) -> None:
         """After a failed attempt: queued again while attempts remain, else failed."""
@@ -299,23 +450,32 @@ class TaskStore:
             attempts = conn.execute(
                 select(self.table.c.attempts).where(self.table.c.id == task_id)
             ).scalar_one()
-        if attempts < self.max_attempts:
-            self._close(task_id, status="queued", error=error)
-        else:
-            self._close(task_id, status="failed", error=f"{error} (after {attempts} attempts)")
-
-    def _close(self, task_id: str, **values: Any) -> None:
         with self.engine.begin() as conn:
+            if attempts < self.max_attempts:
+                self._close(task_id, conn, status="queued", error=error)
+                return
+            error = f"{error} (after {attempts} attempts)"
+            if self._close(task_id, conn, status="failed", error=error):
+                failed = {"task_id": task_id, "status": "failed", "error": error}
+                self._append(conn, task_id, "failed", failed)
+
+    def _close(self, task_id: str, conn: Any, **values: Any) -> bool:
+        """Update a running task in `conn`'s transaction; whether it was running."""
+        return bool(
             conn.execute(
                 update(self.table)
                 .where((self.table.c.id == task_id) & (self.table.c.status == "running"))
                 .values(**values, lease_until=None, updated_at=self.clock())
-            )
+            ).rowcount
+        )
 
     def purge(self) -> int:
         """Delete tasks past their retention; how many."""
         expired = self.table.c.expires_at <= self.clock()
         with self.engine.begin() as conn:
+            ids = select(self.table.c.id).where(expired).scalar_subquery()
+            for table in (self.events, self.webhooks):
+                conn.execute(delete(table).where(table.c.task_id.in_(ids)))
             return int(conn.execute(delete(self.table).where(expired)).rowcount)
 
 
@@ -353,21 +513,37 @@ class TaskWorker:
             await self.work(*claimed)
 
     async def work(self, task_id: str, payload: str) -> None:
+        """Score the task chunk by chunk after the chunks already stored (an earlier attempt's),
+        storing each as it is scored, then the merged result."""
         try:
             instances = json.loads(payload)
-            bodies = []
+            total = len(instances)
+            stored = await asyncio.to_thread(self.store.rows_stored, task_id)
             # a task of 0 rows is scored once too: its result is predict_batch's empty answer
-            for start in range(0, len(instances), self.chunk_rows) or [0]:
-                bodies.append(await self.score(instances[start : start + self.chunk_rows]))
-                await asyncio.to_thread(self.store.renew, task_id)
-            result = merge(bodies, self.chunk_rows)
-            await asyncio.to_thread(self.store.finish, task_id, to_json(result).decode())
-            LOG.info("task %s: %d rows scored", task_id, len(instances))
+            starts = range(stored, total, self.chunk_rows) or ([0] if total == 0 else [])
+            for start in starts:
+                body = await self.score(instances[start : start + self.chunk_rows])
+                await asyncio.to_thread(self.store.store_chunk, task_id, start, body, total)
+            result = await asyncio.to_thread(self.store.stored_result, task_id)
+            done = to_json(result).decode()
+            await asyncio.to_thread(self.store.finish, task_id, done, len(result["errors"]))
+            LOG.info("task %s: %d rows scored", task_id, total)
+        except LostLease:
+            LOG.warning("task %s: another worker took it over", task_id)
         except Exception:
             LOG.exception("task %s failed", task_id)
             await asyncio.to_thread(
                 self.store.retry_or_fail, task_id, "scoring failed; see the service log"
             )
+
+
+def shifted(errors: list[Any], offset: int) -> list[dict[str, Any]]:
+    """Row errors (RowError or dicts) as dicts, their indexes moved by `offset`."""
+    moved = []
+    for error in errors:
+        error = error if isinstance(error, dict) else error.model_dump()
+        moved.append({**error, "index": error["index"] + offset})
+    return moved
 
 
 def merge(bodies: list[dict[str, Any]], chunk_rows: int) -> dict[str, Any]:

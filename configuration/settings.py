@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 USE_CASE_DIR = Path(__file__).resolve().parent / "use_cases"
+WHSEC = re.compile(r"whsec_[A-Za-z0-9+/]{16,}={0,2}")
 
 
 class Settings(BaseSettings):
@@ -158,6 +160,47 @@ class Settings(BaseSettings):
     task_max_attempts: PositiveInt = Field(3, description="Attempts before a task fails.")
     task_poll_s: PositiveFloat = Field(0.5, description="Idle workers look for tasks this often.")
 
+    # --- results told, not polled: event streams, the WebSocket, webhooks (docs/delivery.md) --
+    events_poll_s: PositiveFloat = Field(
+        0.2, description="How often an open event stream reads its task's new events."
+    )
+    events_heartbeat_s: PositiveFloat = Field(
+        15.0, description="An idle event stream sends a comment line this often (proxies)."
+    )
+    ws_max_in_flight: PositiveInt = Field(
+        64,
+        description="Messages of one WebSocket being scored or waiting to be sent; beyond it the "
+        "server reads no more from that client (backpressure).",
+    )
+    ws_max_message_bytes: PositiveInt = Field(
+        1_000_000, description="A larger WebSocket message closes the connection (1009)."
+    )
+    ws_idle_timeout_s: PositiveFloat = Field(
+        60.0, description="A WebSocket with no message and nothing in flight this long is closed."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Standard Webhooks signing secret (`whsec_` + base64); without one, a task "
+        "asking for a webhook is refused (400).",
+    )
+    webhook_allowed_hosts: list[str] = Field(
+        [],
+        description="Hosts webhooks may be sent to (JSON list): exact names, `*.domain`, or `*`. "
+        "Loopback, private and link-local addresses also need the address itself listed.",
+    )
+    webhook_max_attempts: PositiveInt = Field(8, description="Attempts before a delivery fails.")
+    webhook_backoff_s: PositiveFloat = Field(
+        1.0, description="Wait before the second attempt; doubled after each failure."
+    )
+    webhook_backoff_cap_s: PositiveFloat = Field(
+        300.0, description="Longest wait between attempts."
+    )
+    webhook_connect_timeout_s: PositiveFloat = Field(3.0, description="Webhook connect timeout.")
+    webhook_read_timeout_s: PositiveFloat = Field(10.0, description="Webhook response timeout.")
+    webhook_poll_s: PositiveFloat = Field(
+        0.5, description="How often each API worker looks for webhooks to send."
+    )
+
     # --- batch scoring ------------------------------------------------------------------------
     batch_database_url: str = Field(
         f"sqlite:///{PROJECT_ROOT / 'scores.db'}",
@@ -199,6 +242,13 @@ class Settings(BaseSettings):
     xgb_max_depth: PositiveInt = Field(6, description="XGBoost tree depth.")
     xgb_learning_rate: PositiveFloat = Field(0.05, description="XGBoost learning rate (eta).")
     sklearn_c: PositiveFloat = Field(1.0, description="Inverse L2 strength of LogisticRegression.")
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and not WHSEC.fullmatch(secret.get_secret_value()):
+            raise ValueError("a webhook secret is `whsec_` followed by base64 (16+ characters)")
+        return secret
 
     def use_case_path(self, name: str | None = None) -> Path:
         return self.use_case_dir / f"{name or self.use_case}.yaml"

@@ -16,7 +16,7 @@ from runners.batching import isolate_failures
 from .harness import run_python
 
 PREDICT = "/v1/predict"
-CONTRACT_VERSION = 3
+CONTRACT_VERSION = 4
 BATCH = "/v1/predict_batch"
 
 

@@ -98,8 +98,9 @@ class TestServedOpenAPI:
             ("/v1/predict", "post", {"400", "413", "415", "429", "500", "504"}),
             ("/v1/predict_batch", "post", {"400", "413", "415", "429", "500", "504"}),
             ("/v1/explain", "post", {"400", "413", "415", "429", "500", "503", "504"}),
-            ("/v1/tasks", "post", {"400", "409", "413", "415", "429", "500", "504"}),
+            ("/v1/tasks", "post", {"400", "403", "409", "413", "415", "429", "500", "504"}),
             ("/v1/tasks/{task_id}/result", "get", {"404", "409", "429", "500"}),
+            ("/v1/tasks/{task_id}/events", "get", {"404", "429", "500"}),
         ],
     )
     def test_errors_are_declared_with_the_one_shape(self, api_client, path, method, statuses):

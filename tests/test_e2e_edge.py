@@ -186,7 +186,7 @@ def test_schemathesis_finds_no_failure_of_any_check(demo_models, tmp_path):
                 "--seed",
                 "20261204",
                 "--max-examples",
-                "175",
+                "200",
                 "--header",
                 f"Authorization: Bearer {TOKEN}",
                 "--workers",

@@ -17,6 +17,7 @@ from .harness import connect
 RETENTION_S = 3600.0
 LEASE_S = 30.0
 CLAIM_PAUSE_TIMEOUT_S = 60
+DELIVERY_TABLES = ("scoring_webhook_deliveries", "scoring_task_webhooks", "scoring_task_events")
 CLOCK_START = datetime(2030, 1, 1, tzinfo=UTC)  # any instant: a store compares only its own times
 
 
@@ -44,7 +45,8 @@ def url(request, tmp_path):
         return f"sqlite:///{tmp_path / 'tasks.db'}"
     postgres_url = request.getfixturevalue("postgres_url")
     with connect(postgres_url, begin=True) as conn:
-        conn.execute(text("DROP TABLE IF EXISTS scoring_tasks"))
+        for table in (*DELIVERY_TABLES, "scoring_tasks"):
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
     return postgres_url
 
 
