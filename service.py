@@ -42,6 +42,7 @@ from api.openapi import OpenAPIDocument
 from api.prediction_log import PredictionLog
 from api.routing import RoutingError, initial_routing, model_info
 from api.scorer import Runners, Scorer
+from api.ui import WebPage
 from configuration import current_use_case, get_settings
 from configuration.logs import redact_logs
 from runners.artifacts import served_model
@@ -420,4 +421,8 @@ cast(Any, Scoring).add_asgi_middleware(  # a bentoml.Service at run time
     timeout_s=SETTINGS.request_timeout_s,
     body_limits={f"{API_PREFIX}/tasks": SETTINGS.task_max_body_bytes},
     streams=frozenset((f"{API_PREFIX}/tasks/{{task_id}}/events",)),
+)
+# the page at /ui, inside ContractMiddleware: one access line per request there too
+cast(Any, Scoring).add_asgi_middleware(
+    WebPage, key=USE_CASE.key, examples=[dict(e) for e in USE_CASE.examples]
 )
