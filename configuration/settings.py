@@ -181,7 +181,7 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(
         None,
         description="Standard Webhooks signing secret (`whsec_` + base64); without one, a task "
-        "asking for a webhook is refused (400).",
+        "asking for a webhook is refused (403).",
     )
     webhook_allowed_hosts: list[str] = Field(
         [],
