@@ -320,7 +320,7 @@ class Scoring:
         deliveries of its webhook."""
         task = await asyncio.to_thread(self.tasks.get, task_id)
         if task is None:
-            return error_response(NotFound(f"no task {task_id} (unknown, or past retention)"))
+            return error_response(NotFound("no such task (unknown, or past retention)"))
         return JSONResponse(await self._task_body(task))
 
     @info_app.get(
@@ -343,7 +343,7 @@ class Scoring:
         from api.streams import sse_events
 
         if await asyncio.to_thread(self.tasks.get, task_id) is None:
-            return error_response(NotFound(f"no task {task_id} (unknown, or past retention)"))
+            return error_response(NotFound("no such task (unknown, or past retention)"))
         after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
         events = sse_events(self.tasks, task_id, after, SETTINGS.events_poll_s)
         return EventSourceResponse(events, ping=SETTINGS.events_heartbeat_s)
@@ -361,7 +361,7 @@ class Scoring:
         """The finished task's predictions, in predict_batch's shape (409 until it succeeded)."""
         task = await asyncio.to_thread(self.tasks.get, task_id)
         if task is None:
-            return error_response(NotFound(f"no task {task_id} (unknown, or past retention)"))
+            return error_response(NotFound("no such task (unknown, or past retention)"))
         if task.status != "succeeded":
             return error_response(Conflict(f"task {task_id} is {task.status}, not succeeded"))
         result = await asyncio.to_thread(self.tasks.result, task_id)
