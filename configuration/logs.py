@@ -59,15 +59,15 @@ def safe_traceback(kind: type[BaseException], exc: BaseException, tb: TracebackT
         else:
             chain.append((current, None))
             current = None
-    for error, joiner in reversed(chain):
+    for error, joiner in reversed(chain):  # the innermost first, as Python prints them
+        if joiner:  # how `error` follows the one printed just before it
+            lines.append(joiner + "\n")
         lines.append("Traceback (most recent call last):\n")
         frames = traceback.extract_tb(error.__traceback__ if error is not exc else tb)
         lines.extend(traceback.format_list(frames))
         name = f"{type(error).__module__}.{type(error).__qualname__}"
         message = str(error) if _own(error) else WITHHELD
         lines.append(f"{name}: {message}\n")
-        if joiner:
-            lines.append(joiner)
     return "".join(lines).rstrip("\n")
 
 
