@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy import Column, DateTime, Integer, MetaData, Table, Text, select
 from sqlalchemy.engine import Engine
 
+from configuration.database import create_tables
+
 
 class RoutingTable:
     """The routing an admin call set, shared by the API workers (and replicas on a shared
@@ -25,7 +27,7 @@ class RoutingTable:
             Column("spec", Text, nullable=False),
             Column("updated_at", DateTime(timezone=True), nullable=False),
         )
-        metadata.create_all(self.engine)
+        create_tables(self.engine, *metadata.sorted_tables)
 
     def read(self) -> dict[str, Any] | None:
         with self.engine.connect() as conn:

@@ -52,7 +52,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from configuration.database import database_engine
+from configuration.database import create_tables, database_engine
 
 LOG = logging.getLogger(__name__)
 PURGE_EVERY_S = 60.0
@@ -182,7 +182,7 @@ class TaskStore:
             Column("events", String(64), nullable=False),  # comma-separated event kinds
         )
         self.metadata = metadata  # api/webhooks.py adds its deliveries table to it
-        metadata.create_all(self.engine)
+        create_tables(self.engine, *metadata.sorted_tables)
 
     def close(self) -> None:
         self.engine.dispose()

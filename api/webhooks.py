@@ -32,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from api import metrics
 from api.egress import RefusedURL, check_url
 from api.tasks import TERMINAL_EVENTS, TaskStore, _aware
+from configuration.database import create_tables
 
 if TYPE_CHECKING:
     import httpx
@@ -74,7 +75,7 @@ class DeliveryStore:
             Column("delivered_at", DateTime(timezone=True)),
             UniqueConstraint("task_id", "seq"),
         )
-        self.table.create(self.engine, checkfirst=True)
+        create_tables(self.engine, self.table)
 
     def enqueue(self) -> int:
         """A pending delivery for each subscribed terminal event that has none yet; how many.

@@ -23,3 +23,17 @@ def database_engine(url: str, **options: Any) -> Engine:
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+SCHEMA_LOCK = 0x5C0121  # the PostgreSQL advisory lock that serializes table creation
+
+
+def create_tables(engine: Engine, *tables: Any) -> None:
+    """Create `tables` (sqlalchemy Tables) where missing. On PostgreSQL under an advisory lock:
+    API workers of several replicas starting on a fresh database at once otherwise race in
+    CREATE TABLE (a UniqueViolation on pg_type that killed a starting worker)."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+        for table in tables:
+            table.create(conn, checkfirst=True)
