@@ -6,7 +6,7 @@ PORT ?= 3000
 export BENTOML_DO_NOT_TRACK := true
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-app demo serve run test test-all lint build image image-test image-run bench
+.PHONY: help setup setup-app demo serve run test test-all lint build image image-test image-run bench cluster
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,3 +52,7 @@ image-run: ## Run IMAGE (default: the image of $(BENTO)) on http://127.0.0.1:$(P
 bench: setup ## Benchmark a real `bentoml serve` against the in-process limit and a naive FastAPI baseline
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || sudo apt-get install -y wrk
 	$(BIN)/python -m benchmarks --repeat $(or $(REPEAT),1)
+
+cluster: setup ## 2 replicas of the imported models behind HAProxy + Prometheus on PostgreSQL (docs/scale-out.md)
+	command -v haproxy >/dev/null && command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq haproxy prometheus) || sudo apt-get install -y haproxy prometheus
+	$(BIN)/python -m tests.cluster --replicas $(or $(REPLICAS),2)

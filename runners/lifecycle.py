@@ -124,6 +124,45 @@ def prepare_server_process() -> None:
     """In the server process, before its arbiter starts (a `bentoml.on_deployment` hook)."""
     stop_workers_at_once_on_sigint()
     remove_runner_sockets_last()
+    claim_metrics_folder()
+
+
+_METRICS_LOCK: list[Any] = []  # the open lock file: held for the server process's lifetime
+
+
+def claim_metrics_folder(folder: str | None = None) -> bool:
+    """Warn when another live server uses the same BENTOML_HOME; whether this one is alone.
+    BentoML empties the Prometheus multiprocess folder under BENTOML_HOME when a server starts
+    (before this hook) and every server then reads all the files in it: two servers on one
+    BENTOML_HOME mix their metrics. Each server holds an exclusive lock on a file beside the
+    folder (released by the kernel when it exits, SIGKILL included); a second one logs an error
+    naming the first's pid. Not a refusal: test suites run throwaway servers side by side."""
+    import fcntl
+
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    folder = folder or BentoMLContainer.prometheus_multiproc_dir.get()
+    lock = open(f"{folder}.lock", "a+")  # noqa: SIM115  # held open until this process exits
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        lock.close()
+        LOG.error(
+            "another `bentoml serve` (pid %s) uses this BENTOML_HOME: its Prometheus "
+            "multiprocess folder %s was just emptied, and /metrics of both servers now mixes "
+            "their metrics. Give each server its own BENTOML_HOME (docs/scale-out.md).",
+            owner,
+            folder,
+        )
+        return False
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _METRICS_LOCK.append(lock)
+    return True
 
 
 def stop_workers_at_once_on_sigint() -> None:

@@ -189,8 +189,9 @@ def test_the_manifest_grace_period_covers_the_drain():
     env = {e["name"][8:].lower(): e["value"] for e in container["env"] if "value" in e}
     settings = Settings(**{k: v for k, v in env.items() if k in Settings.model_fields})
     assert settings.drain_s == Settings.model_fields["drain_s"].default == 5
-    assert "lifecycle" not in container  # no preStop sleep: the service drains by itself
-    needed = runner_drain_s(settings) + settings.request_timeout_s + 5  # + the stop itself
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]  # before the SIGTERM
+    assert pre_stop < settings.drain_s  # a short wait: the drain does the rest
+    needed = pre_stop + runner_drain_s(settings) + settings.request_timeout_s + 5  # + the stop
     assert pod["terminationGracePeriodSeconds"] >= needed
 
 

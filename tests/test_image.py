@@ -51,7 +51,7 @@ def test_deploy_manifest_probes_resources_and_restart_policy():
     from configuration import Settings
 
     docs = manifest()
-    assert set(docs) == {"Deployment", "Service"}
+    assert set(docs) == {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Always"  # the only way back after a worker dies
     assert pod["securityContext"]["runAsNonRoot"] is True
