@@ -25,7 +25,6 @@ from .test_e2e_lifecycle import ADMIN, two_versions  # noqa: F401  # the fixture
 pytestmark = pytest.mark.e2e
 POLL_S = 1.0  # SCORING_ROUTING_POLL_S of the replicas
 DRAIN_S = 2.0
-LEASE_S = 3.0  # a task whose replica died is claimed again this long after its last renewal
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,6 @@ def replicas(two_versions, postgres_url, tmp_path_factory) -> Iterator[Cluster]:
         "SCORING_DRAIN_S": str(DRAIN_S),
         "SCORING_PREDICTION_LOG_SAMPLE": "0",
         "SCORING_TASK_POLL_S": "0.2",
-        "SCORING_TASK_LEASE_S": str(LEASE_S),
     }
     store = Path(two_versions["BENTOML_HOME"])
     with cluster(folder, store, env, replicas=2, api_workers=2, server_url=postgres_url) as c:
@@ -205,66 +203,6 @@ def test_tasks_run_exactly_once_across_replicas(replicas, churn):
         ).scalar()
     assert tuple(tasks) == (len(ids), 1) and claims == len(ids), (tasks, claims)
     print(f"\n{len(ids)} tasks over {len(c.replicas)} replicas: 0 double claims")
-
-
-def task_status(base: str, task_id: str) -> dict:
-    return dict(httpx.get(f"{base}/v1/tasks/{task_id}", timeout=30).json())
-
-
-def test_a_task_on_a_killed_replica_is_finished_by_another(replicas, churn):
-    """Only replica 0 runs (replica 1 stopped), so the task is its; once it has stored some
-    chunks, replica 1 starts and replica 0 is SIGKILLed: replica 1 claims the task after the
-    lease, resumes after the last stored chunk, and the result equals predict_batch's."""
-    c = replicas
-    first, second = c.replicas
-    second.stop(signal.SIGINT)
-    instances = rows(churn, 40_000, prefix="K")
-    response = submit(first.base, instances)
-    assert response.status_code == 202, response.text
-    task_id = response.json()["task_id"]
-    deadline = time.monotonic() + 60
-    with connect(c.database_url) as conn:
-        while not conn.execute(
-            text(
-                "SELECT count(*) FROM scoring_task_events WHERE task_id = :t AND kind = 'progress'"
-            ),
-            {"t": task_id},
-        ).scalar():
-            assert time.monotonic() < deadline, task_status(first.base, task_id)
-            time.sleep(0.1)
-    second.start()
-    second.wait_ready()
-    assert task_status(second.base, task_id)["status"] == "running"  # still the first's
-    killed_at = time.monotonic()
-    first.stop(signal.SIGKILL)
-    deadline = time.monotonic() + 120
-    while (status := task_status(second.base, task_id))["status"] != "succeeded":
-        assert status["status"] != "failed" and time.monotonic() < deadline, status
-        time.sleep(0.2)
-    took = time.monotonic() - killed_at
-    assert status["attempts"] == 2, status  # the killed attempt, then the other replica's
-    result = httpx.get(f"{second.base}/v1/tasks/{task_id}/result", timeout=60).json()
-    assert len(result["predictions"]) == len(instances) and result["errors"] == []
-    sample = instances[::997]
-    direct = httpx.post(
-        f"{second.base}/v1/predict_batch", json={"instances": sample}, timeout=60
-    ).json()
-    assert [p["probabilities"] for p in result["predictions"][::997]] == [
-        p["probabilities"] for p in direct["predictions"]
-    ]
-    with connect(c.database_url) as conn:
-        completed = conn.execute(
-            text(
-                "SELECT count(*) FROM scoring_task_events WHERE task_id = :t AND kind = 'completed'"
-            ),
-            {"t": task_id},
-        ).scalar()
-    assert completed == 1
-    print(f"\ntask of a SIGKILLed replica finished by the other {took:.1f} s after the kill")
-    first.start()
-    first.wait_ready()
-    c.wait_in_pool(first)
-    c.wait_in_pool(second)
 
 
 def test_rolling_restart_fails_no_request_and_kill_only_in_flight(replicas, churn):
