@@ -5,7 +5,7 @@ import asyncio
 import gc
 import logging
 import time
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import Annotated, Any, cast
 
 import bentoml
 from fastapi import FastAPI, Header, WebSocket
@@ -51,9 +51,6 @@ from runners.preprocessor import Preprocessor
 from runners.sklearn_runner import SklearnRunner
 from runners.xgboost_runner import XGBoostRunner
 
-if TYPE_CHECKING:
-    pass
-
 LOG = logging.getLogger(__name__)
 redact_logs()  # every worker imports this module: no request content in any log line
 SETTINGS = get_settings()
@@ -61,7 +58,6 @@ USE_CASE = current_use_case(SETTINGS)
 CONTRACT = contract_for(
     USE_CASE, SETTINGS.explain_max_top_k, SETTINGS.max_batch_rows, SETTINGS.task_max_rows
 )
-Row = CONTRACT.Row
 PredictResponse = CONTRACT.PredictResponse
 PredictBatchResponse = CONTRACT.PredictBatchResponse
 MODEL_RUNNERS = {"xgboost": XGBoostRunner, "sklearn": SklearnRunner}
