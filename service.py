@@ -52,8 +52,8 @@ from runners.sklearn_runner import SklearnRunner
 from runners.xgboost_runner import XGBoostRunner
 
 LOG = logging.getLogger(__name__)
-redact_logs()  # every worker imports this module: no request content in any log line
 SETTINGS = get_settings()
+redact_logs(SETTINGS.log_level)  # every worker imports this: no request content in any log line
 USE_CASE = current_use_case(SETTINGS)
 CONTRACT = contract_for(
     USE_CASE, SETTINGS.explain_max_top_k, SETTINGS.max_batch_rows, SETTINGS.task_max_rows

@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -519,6 +520,14 @@ class TaskWorker:
             instances = json.loads(payload)
             total = len(instances)
             stored = await asyncio.to_thread(self.store.rows_stored, task_id)
+            # which process took which task: the line an operator looks for after a crash
+            LOG.info(
+                "task %s: claimed by pid %d, %d of %d rows already stored",
+                task_id,
+                os.getpid(),
+                stored,
+                total,
+            )
             # a task of 0 rows is scored once too: its result is predict_batch's empty answer
             starts = range(stored, total, self.chunk_rows) or ([0] if total == 0 else [])
             for start in starts:

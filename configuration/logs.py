@@ -71,9 +71,17 @@ def safe_traceback(kind: type[BaseException], exc: BaseException, tb: TracebackT
     return "".join(lines).rstrip("\n")
 
 
-def redact_logs() -> None:
-    """Install the record factory and the filter in this process (once)."""
+# The service's own loggers: BentoML leaves every logger but its own at the root's WARNING, so
+# without a level of their own the service's INFO lines (swaps, tasks, drains) were never seen.
+OWN_LOGGERS = ("scoring", "service", "api", "runners", "configuration")
+
+
+def redact_logs(level: str = "INFO") -> None:
+    """Install the record factory and the filter in this process (once); the service's own
+    loggers at `level`."""
     global _installed
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
     if _installed:
         return
     _installed = True

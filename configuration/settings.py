@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         description="Per-row metrics (predictions per class, scores, confidence, per arm) and "
         "drift; fallbacks are counted either way.",
     )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO",
+        description="Level of the service's own log lines: access lines, model swaps, warm-up, "
+        "tasks claimed and finished, drains (BentoML's loggers keep their own).",
+    )
     prediction_log_sample: float = Field(
         1.0, ge=0, le=1, description="Share of requests written to the prediction log (0: off)."
     )

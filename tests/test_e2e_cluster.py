@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from .test_e2e_lifecycle import ADMIN, two_versions  # noqa: F401  # the fixture
 pytestmark = pytest.mark.e2e
 POLL_S = 1.0  # SCORING_ROUTING_POLL_S of the replicas
 DRAIN_S = 2.0
+LEASE_S = 3.0  # a task whose replica died is claimed again this long after its last renewal
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,7 @@ def replicas(two_versions, postgres_url, tmp_path_factory) -> Iterator[Cluster]:
         "SCORING_DRAIN_S": str(DRAIN_S),
         "SCORING_PREDICTION_LOG_SAMPLE": "0",
         "SCORING_TASK_POLL_S": "0.2",
+        "SCORING_TASK_LEASE_S": str(LEASE_S),
     }
     store = Path(two_versions["BENTOML_HOME"])
     with cluster(folder, store, env, replicas=2, api_workers=2, server_url=postgres_url) as c:
@@ -203,6 +206,81 @@ def test_tasks_run_exactly_once_across_replicas(replicas, churn):
         ).scalar()
     assert tuple(tasks) == (len(ids), 1) and claims == len(ids), (tasks, claims)
     print(f"\n{len(ids)} tasks over {len(c.replicas)} replicas: 0 double claims")
+
+
+def task_status(base: str, task_id: str) -> dict:
+    return dict(httpx.get(f"{base}/v1/tasks/{task_id}", timeout=30).json())
+
+
+def task_events(database_url: str, task_id: str, kind: str) -> int:
+    with connect(database_url) as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM scoring_task_events WHERE task_id = :t AND kind = :k"),
+                {"t": task_id, "k": kind},
+            ).scalar()
+            or 0
+        )
+
+
+def claimer(replicas: list[Replica], task_id: str) -> Replica | None:
+    """The replica whose log says one of its workers claimed `task_id`."""
+    found = [r for r in replicas if f"task {task_id}: claimed" in r.log.read_text(errors="replace")]
+    return found[0] if len(found) == 1 else None
+
+
+def test_a_task_on_a_killed_replica_is_finished_by_another(replicas, churn):
+    """A long task (many chunks) is submitted through the load balancer; once the replica that
+    claimed it has stored a chunk, that replica is SIGKILLed (workers and all): the other claims
+    the task after the lease, resumes after the last stored chunk, completes it once, and the
+    result equals predict_batch's."""
+    c = replicas
+    instances = rows(churn, 60_000, prefix="K")
+    response = submit(c.lb, instances)
+    assert response.status_code == 202, response.text
+    task_id = response.json()["task_id"]
+    deadline = time.monotonic() + 90
+    while not task_events(c.database_url, task_id, "progress"):
+        assert time.monotonic() < deadline, task_status(c.lb, task_id)
+        time.sleep(0.05)
+    owner = claimer(c.replicas, task_id)
+    assert owner is not None, [r.log for r in c.replicas]
+    (other,) = [r for r in c.replicas if r is not owner]
+    killed_at = time.monotonic()
+    owner.stop(signal.SIGKILL)
+    stored = task_events(c.database_url, task_id, "progress")
+    status = task_status(other.base, task_id)
+    assert status["status"] == "running", status  # killed mid-task, not after it
+    deadline = time.monotonic() + 120
+    while (status := task_status(other.base, task_id))["status"] != "succeeded":
+        assert status["status"] != "failed" and time.monotonic() < deadline, status
+        time.sleep(0.2)
+    took = time.monotonic() - killed_at
+    assert status["attempts"] == 2, status  # the killed attempt, then the other replica's
+    assert claimer([other], task_id) is other
+    resumed = re.search(
+        rf"task {task_id}: claimed by pid \d+, (\d+) of 60000 rows already stored",
+        other.log.read_text(errors="replace"),
+    )
+    assert resumed and int(resumed[1]) > 0  # resumed after the stored chunks, not from row 0
+    result = httpx.get(f"{other.base}/v1/tasks/{task_id}/result", timeout=60).json()
+    assert len(result["predictions"]) == len(instances) and result["errors"] == []
+    sample = instances[::997]
+    direct = httpx.post(
+        f"{other.base}/v1/predict_batch", json={"instances": sample}, timeout=60
+    ).json()
+    assert [p["probabilities"] for p in result["predictions"][::997]] == [
+        p["probabilities"] for p in direct["predictions"]
+    ]
+    assert task_events(c.database_url, task_id, "completed") == 1
+    print(
+        f"\ntask of a SIGKILLed replica ({stored} chunks stored at the kill) finished by the "
+        f"other {took:.1f} s after the kill (lease {LEASE_S:.0f} s)"
+    )
+    owner.start()
+    owner.wait_ready()
+    c.wait_in_pool(owner)
+    c.wait_in_pool(other)
 
 
 def test_rolling_restart_fails_no_request_and_kill_only_in_flight(replicas, churn):
