@@ -271,6 +271,16 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--api-workers", type=int, default=2)
     args = parser.parse_args()
+
+    def stop_cluster(signum: int, frame: object) -> None:
+        """Ctrl-C, or SIGTERM, stops everything: further signals are ignored meanwhile. Set
+        explicitly, as a shell script's background job starts with SIGINT ignored."""
+        for each in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(each, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, stop_cluster)
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     store = Path(BentoMLContainer.bentoml_home.get())
@@ -280,7 +290,7 @@ def main() -> None:
             for replica in c.replicas:
                 print(f"{replica.name}: {replica.base}  (log {replica.log})")
             print(f"load balancer: {c.lb}\nprometheus: {c.prometheus}\ndatabase: {c.database_url}")
-            print("Ctrl-C stops the cluster")
+            print("Ctrl-C stops the cluster", flush=True)
             with suppress(KeyboardInterrupt):
                 while all(r.process is None or r.process.poll() is None for r in c.replicas):
                     time.sleep(1)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,17 +18,60 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from .cluster import Cluster, Replica, cluster, missing_tools
-from .harness import IN_CI, PROJECT, connect, rows
+from .harness import IN_CI, POSTGRES_URL, PROJECT, children, connect, rows, start_process
 from .test_e2e_lifecycle import ADMIN, two_versions  # noqa: F401  # the fixture
 
 pytestmark = pytest.mark.e2e
 POLL_S = 1.0  # SCORING_ROUTING_POLL_S of the replicas
 DRAIN_S = 2.0
 LEASE_S = 3.0  # a task whose replica died is claimed again this long after its last renewal
+
+
+def test_make_cluster_stops_everything_on_ctrl_c(two_versions, tmp_path):  # noqa: F811
+    """`make cluster` (python -m tests.cluster): once it says it is up, one Ctrl-C (SIGINT to
+    its process group, as a terminal sends it) stops every replica, HAProxy and Prometheus and
+    drops its database. Runs before the module's cluster starts (test order)."""
+    if missing := missing_tools():
+        if IN_CI:
+            pytest.fail(f"not installed: {', '.join(missing)}")
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    log = tmp_path / "make-cluster.log"
+    args = [sys.executable, "-m", "tests.cluster", "--replicas", "1", "--api-workers", "1"]
+    process = start_process(args, log, two_versions)
+    try:
+        deadline = time.monotonic() + 240
+        while "Ctrl-C stops the cluster" not in log.read_text(errors="replace"):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        database = re.search(r"database: (\S+)", log.read_text())
+        assert database
+        started = children(process)
+        names = {p.name() for p in started}
+        assert {"haproxy", "prometheus"} <= names, names
+        os.killpg(process.pid, signal.SIGINT)
+        began = time.monotonic()
+        assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+        took = time.monotonic() - began
+        left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], left
+        with connect(POSTGRES_URL) as conn:
+            name = make_url(database[1]).database
+            exists = conn.execute(
+                text("SELECT count(*) FROM pg_database WHERE datname = :n"), {"n": name}
+            ).scalar()
+        assert exists == 0
+        print(f"\nmake cluster: Ctrl-C stopped {len(started)} processes in {took:.1f} s")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for leftover in children(process):
+            leftover.kill()
 
 
 @pytest.fixture(scope="module")
