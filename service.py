@@ -2,6 +2,7 @@
 -> decision and fallback policy -> respond. Also explanations and durable async tasks."""
 
 import asyncio
+import functools
 import gc
 import logging
 import time
@@ -38,11 +39,14 @@ from api.errors import (
     error_response,
     json_response,
 )
+from api.onnx_file import RESPONSES as ONNX_RESPONSES
+from api.onnx_file import OnnxFiles
 from api.openapi import OpenAPIDocument
 from api.prediction_log import PredictionLog
-from api.routing import RoutingError, initial_routing, model_info
+from api.routing import RoutingError, data_digest, initial_routing, model_info
 from api.scorer import Runners, Scorer
 from api.ui import WebPage
+from api.v2 import V2_BODIES, V2_PREFIX, V2_ROUTES, OpenInference, V2Errors, open_inference_app
 from configuration import current_use_case, get_settings
 from configuration.logs import redact_logs
 from runners.artifacts import served_model
@@ -66,6 +70,8 @@ SERVING_RUNNER = MODEL_RUNNERS[SETTINGS.model_flavor]
 ROUTE_BODIES = CONTRACT.route_bodies()
 TaskRequest = CONTRACT.TaskRequest
 info_app = FastAPI(title="scoring model info")
+# the Open Inference Protocol (KServe, Triton, MLServer clients), scored like predict_batch
+v2_app = open_inference_app(lambda: bentoml.get_current_service().open_inference)
 
 
 @bentoml.service(
@@ -73,13 +79,17 @@ info_app = FastAPI(title="scoring model info")
     **service_options(
         SETTINGS,
         SETTINGS.api_workers,
-        routes=[f"{API_PREFIX}/{r}" for r in ("predict", "predict_batch", "explain")],
+        routes=[
+            *(f"{API_PREFIX}/{r}" for r in ("predict", "predict_batch", "explain")),
+            f"{V2_PREFIX}/models/",  # the Open Inference Protocol's infer (and metadata)
+        ],
         access_log=False,  # ContractMiddleware writes one line per request, safe for PII
         # ContractMiddleware answers 504 at request_timeout_s; BentoML's timeout is a backstop
         timeout_s=SETTINGS.request_timeout_s + 5,
     ),
 )
 @bentoml.asgi_app(info_app, path=API_PREFIX)
+@bentoml.asgi_app(v2_app, path=V2_PREFIX)
 class Scoring:
     """Composes the Preprocessor and the model runners; answers with the serving model's name."""
 
@@ -100,7 +110,18 @@ class Scoring:
         )
         routing = initial_routing(SETTINGS, served_model(SERVING_RUNNER))
         self.scorer = Scorer(SETTINGS, USE_CASE, runners, routing)
-        self.prediction_log = PredictionLog(SETTINGS, USE_CASE)
+        self.onnx_files = OnnxFiles(SETTINGS, USE_CASE.contract_version)
+        self.prediction_log = PredictionLog(
+            SETTINGS, USE_CASE, functools.partial(data_digest, SETTINGS)
+        )
+        self.open_inference = OpenInference(
+            USE_CASE,
+            CONTRACT,
+            SETTINGS.max_batch_rows,
+            score=lambda rows: self._score_instances(rows, route="v2"),
+            ready=self.__is_ready__,
+            serving=lambda: self.scorer.routing.champion.ref,
+        )
         # api.tasks (and SQLAlchemy, ~0.1 s of import) only where the API worker needs it:
         # every worker imports this module, and the runner workers start faster without it
         from api.routing_table import RoutingTable
@@ -369,6 +390,14 @@ class Scoring:
         aliases, run ids and metrics, and how traffic is shared."""
         return model_info(SETTINGS, USE_CASE, self.scorer.routing)
 
+    @info_app.get("/model.onnx", response_class=Response, responses=ONNX_RESPONSES)
+    async def model_onnx(self, if_none_match: Annotated[str | None, Header()] = None) -> Response:
+        """The champion's ONNX graph: its preprocessing and model in one graph, for scoring at
+        the edge or in a browser (docs/onnx.md); 404 when it has none (refused by the parity
+        gate at training, or not exported)."""
+        champion = self.scorer.routing.champion.model
+        return await asyncio.to_thread(self.onnx_files.response, champion, if_none_match)
+
     @info_app.get("/drift", response_model=DriftReport)
     async def drift(self) -> Response:
         """PSI of the recent rows the champion answered against its training reference, per
@@ -405,12 +434,13 @@ class Scoring:
 
 
 cast(Any, Scoring).add_asgi_middleware(
-    OpenAPIDocument, path="/docs.json", errors=ROUTE_ERRORS, bodies=ROUTE_BODIES
+    OpenAPIDocument, path="/docs.json", errors=ROUTE_ERRORS, bodies={**ROUTE_BODIES, **V2_BODIES}
 )
 cast(Any, Scoring).add_asgi_middleware(  # a bentoml.Service at run time
     ContractMiddleware,
-    routes=ROUTE_ERRORS,
+    routes={**ROUTE_ERRORS, **V2_ROUTES},
     prefix=API_PREFIX,
+    protocols={V2_PREFIX: V2Errors(USE_CASE.contract_version)},
     max_body_bytes=SETTINGS.max_body_bytes,
     contract_version=USE_CASE.contract_version,
     max_concurrency=SETTINGS.api_max_concurrency,

@@ -26,6 +26,7 @@ ROUTE_ERRORS: dict[str, dict[str, tuple[int, ...]]] = {
     f"{API_PREFIX}/predict_batch": {"post": (400, 413, 429, 504)},
     f"{API_PREFIX}/explain": {"post": (400, 413, 429, 503, 504)},
     f"{API_PREFIX}/model": {"get": (429,)},
+    f"{API_PREFIX}/model.onnx": {"get": (404, 429)},
     f"{API_PREFIX}/drift": {"get": (429,)},
     f"{API_PREFIX}/tasks": {"post": (400, 403, 409, 413, 429, 504)},
     f"{API_PREFIX}/tasks/{{task_id}}": {"get": (404, 429)},
@@ -85,11 +86,18 @@ class StoredModel(BaseModel):
     sha256: str = Field(description="SHA-256 of the model file, verified before loading.")
     imported_at: str
     metrics: dict[str, float] = Field(default_factory=dict, description="Held-out metrics.")
+    data_sha256: str | None = Field(
+        None,
+        description="SHA-256 of the whole training table (as CSV, every row) this version was "
+        "trained on; null for an import from before data lineage.",
+    )
+    data_rows: int | None = Field(None, description="Rows of that table (training + held out).")
 
     @classmethod
     def of(cls, model: Any) -> StoredModel:
         """The lineage of a `bentoml.Model` as its import recorded it."""
         labels, metadata = model.info.labels, model.info.metadata
+        rows = metadata.get("data_rows")
         return cls(
             bento_tag=str(model.tag),
             registered_name=labels["registered_name"],
@@ -99,6 +107,8 @@ class StoredModel(BaseModel):
             sha256=metadata["sha256"],
             imported_at=metadata["imported_at"],
             metrics=metadata.get("metrics", {}),
+            data_sha256=labels.get("data_sha256") or None,
+            data_rows=int(rows) if rows else None,
         )
 
 

@@ -10,6 +10,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -51,6 +52,12 @@ class ScoringError(Exception):
 
     def body(self) -> dict[str, Any]:
         return envelope(self.status, self.message, self.details)
+
+
+class InvalidInput(ScoringError):
+    """The request is not valid input (raised where BentoML's validation does not apply)."""
+
+    status = HTTPStatus.BAD_REQUEST
 
 
 class PayloadTooLarge(ScoringError):
@@ -116,8 +123,12 @@ def bearer_refusal(authorization: str | None, token: SecretStr | None) -> Scorin
     return None
 
 
+def error_code(status: int) -> str:
+    return CODES.get(status, "internal_error" if status >= 500 else "client_error")
+
+
 def envelope(status: int, message: str, details: list[dict[str, Any]] | None = None) -> dict:
-    code = CODES.get(status, "internal_error" if status >= 500 else "client_error")
+    code = error_code(status)
     return {"error": {"code": code, "message": message, "details": details or []}}
 
 
@@ -148,6 +159,24 @@ def normalise(status: int, payload: Any) -> dict[str, Any]:
     if isinstance(payload, dict):  # ours or BentoML's "error", FastAPI's "detail"
         message = next((v for v in (payload.get("error"), payload.get("detail")) if v), None)
     return envelope(status, str(message or HTTPStatus(status).phrase))
+
+
+class ErrorShape:
+    """How a family of routes words its errors: ours, `{"error": {"code", "message", "details"},
+    "contract_version"}`. Another protocol (api/v2.py) subclasses it."""
+
+    json_only = True  # a body without Content-Type: application/json is refused (415)
+
+    def __init__(self, contract_version: int) -> None:
+        self.contract_version = contract_version
+
+    def body(self, status: int, message: str) -> dict[str, Any]:
+        """The body of an error this middleware answers itself."""
+        return {**envelope(status, message), "contract_version": self.contract_version}
+
+    def rewrite(self, status: int, payload: Any) -> dict[str, Any]:
+        """The body of an error response a handler (or BentoML, FastAPI) produced."""
+        return {**normalise(status, payload), "contract_version": self.contract_version}
 
 
 RouteTable = dict[str, dict[str, Any]]  # path template -> {method: ...}, as in the OpenAPI
@@ -182,7 +211,10 @@ class ContractMiddleware:
 
     WebSocket connections under `prefix` count as requests in progress for as long as they are
     open (one refused over the limit gets a 429 instead of the handshake); routes in `streams`
-    (event streams) have no timeout."""
+    (event streams) have no timeout.
+
+    `protocols` guards more prefixes the same way, each with its own `ErrorShape` (the Open
+    Inference Protocol's `/v2`); every other path gets ours."""
 
     def __init__(
         self,
@@ -196,9 +228,12 @@ class ContractMiddleware:
         body_limits: dict[str, int] | None = None,
         routes: RouteTable | None = None,
         streams: frozenset[str] = frozenset(),
+        protocols: Mapping[str, ErrorShape] | None = None,
     ) -> None:
         self.app = app
         self.prefix = prefix
+        self.shape = ErrorShape(contract_version)
+        self.guarded = {prefix: self.shape, **(protocols or {})}  # prefix -> its error shape
         self.max_body_bytes = max_body_bytes
         self.body_limits = body_limits or {}  # per path, instead of max_body_bytes
         self.contract_version = contract_version
@@ -218,8 +253,9 @@ class ContractMiddleware:
         for pattern, template, methods in self.routes:
             if pattern.match(path):
                 return template, tuple(m.upper() for m in methods)
-        if path.startswith(self.prefix):
-            return f"{self.prefix}/<unknown>", None
+        for prefix in self.guarded:
+            if path.startswith(prefix):
+                return f"{prefix}/<unknown>", None
         head, _, rest = path[1:].partition("/")
         return "/" + head[:40] + ("/..." if rest else ""), None
 
@@ -233,9 +269,10 @@ class ContractMiddleware:
         started = time.perf_counter()
         rid = request_id(scope)
         route, methods = self.route_of(scope["path"])
-        sender = _ErrorRewriter(send, self.contract_version, rid)
+        prefix = next((p for p in self.guarded if scope["path"].startswith(p)), None)
+        sender = _ErrorRewriter(send, self.guarded.get(prefix or "", self.shape), rid)
         try:
-            if not scope["path"].startswith(self.prefix):
+            if prefix is None:
                 await self.app(scope, receive, sender)
             elif methods is not None and scope["method"] not in methods:
                 allow = ", ".join(methods).encode()
@@ -303,7 +340,8 @@ class ContractMiddleware:
         if _declared_length(scope) > max_bytes:
             await send.error(413, f"request body exceeds {max_bytes} bytes")
             return
-        if scope["method"] in ("POST", "PUT", "PATCH") and not _is_json(scope):
+        json_only = send.shape.json_only
+        if json_only and scope["method"] in ("POST", "PUT", "PATCH") and not _is_json(scope):
             await send.error(415, "the body must be JSON: send Content-Type: application/json")
             return
         body = await self._read_body(receive, max_bytes)
@@ -364,9 +402,9 @@ class _ErrorRewriter:
     """An ASGI `send` that adds the request id, buffers error responses and rewrites their
     bodies into our shape, and remembers the status and error code for the access line."""
 
-    def __init__(self, send: Send, contract_version: int, rid: bytes) -> None:
+    def __init__(self, send: Send, shape: ErrorShape, rid: bytes) -> None:
         self.send = send
-        self.contract_version = contract_version
+        self.shape = shape
         self.rid = rid
         self.started = False  # a response has begun: too late for another one
         self.start: Message | None = None
@@ -377,7 +415,7 @@ class _ErrorRewriter:
     async def error(self, status: int, message: str, allow: bytes | None = None) -> None:
         """Answer with our error shape."""
         self.started = True
-        body = {**envelope(status, message), "contract_version": self.contract_version}
+        body = self.shape.body(status, message)
         await self._send_json(status, body, [(b"allow", allow)] if allow else [])
 
     async def __call__(self, message: Message) -> None:
@@ -404,7 +442,7 @@ class _ErrorRewriter:
             payload = json.loads(b"".join(self.chunks) or b"null")
         except ValueError:
             payload = None
-        body = {**normalise(status, payload), "contract_version": self.contract_version}
+        body = self.shape.rewrite(status, payload)
         headers = [
             (k, v)
             for k, v in self.start.get("headers", [])
@@ -415,7 +453,7 @@ class _ErrorRewriter:
     async def _send_json(
         self, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
     ) -> None:
-        self.status, self.code = status, body["error"]["code"]
+        self.status, self.code = status, error_code(status)
         data = json.dumps(body).encode()
         await self.send(
             {

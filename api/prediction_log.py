@@ -1,15 +1,18 @@
-"""The prediction log: one JSON line per sampled request with its inputs, outputs, model version,
-arm, latency and fallback reasons, with the use case's personal data (`pii: true` fields)
-dropped or replaced by a keyed hash before the line is built: no sink ever sees it."""
+"""The prediction log: one JSON line per sampled request with its inputs, outputs, model version
+(and its training data's digest), arm, latency and fallback reasons, with the use case's personal
+data (`pii: true` fields) dropped or replaced by a keyed hash before the line is built: no sink
+ever sees it."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic_core import to_json
@@ -20,8 +23,16 @@ LOGGER = "scoring.predictions"
 
 
 class PredictionLog:
-    def __init__(self, settings: Settings, use_case: UseCase) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        use_case: UseCase,
+        data_digest: Callable[[str], str | None] | None = None,
+    ) -> None:
+        """`data_digest`: a model version's training data digest (lineage), looked up once per
+        version."""
         self.sample = settings.prediction_log_sample
+        self.data_digest = functools.cache(data_digest or (lambda version: None))
         self.pii = set(use_case.pii_names)
         self.hash_key: bytes | None = None
         if settings.prediction_log_pii == "hash":
@@ -75,6 +86,7 @@ class PredictionLog:
                     "fallback_reason": answer["fallback_reason"],
                     "arm": answer["arm"],
                     "model_version": answer["model_version"],
+                    "data_sha256": self.data_digest(answer["model_version"]),
                 }
                 for row, answer in zip(rows, answers, strict=True)
             ],

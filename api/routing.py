@@ -110,6 +110,15 @@ def arm(settings: Settings, name: ArmName, version: str) -> Arm:
     )
 
 
+def data_digest(settings: Settings, version: str) -> str | None:
+    """The training data digest (lineage) of a registry version of the serving flavor."""
+    try:
+        model = find_version(settings, settings.model_flavor, version)
+    except LookupError:
+        return None
+    return model.info.labels.get("data_sha256") or None
+
+
 def model_info(settings: Settings, use_case: UseCase, routing: Routing) -> ModelInfo:
     """/v1/model: the use case, the champion and challenger with their lineage, the routing."""
     champion = routing.champion

@@ -1,8 +1,10 @@
-"""The web page at /ui: its static files (api/ui/) and the use case's example rows, each sent
-with its type, a strict Content-Security-Policy and an ETag to revalidate against."""
+"""The web page at /ui: its static files (api/ui/, and onnxruntime-web in api/ui/ort/) and the
+use case's example rows, each sent with its type, a strict Content-Security-Policy and an ETag
+to revalidate against."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from pathlib import Path
@@ -20,10 +22,17 @@ CONTENT_TYPES = {
     ".js": b"text/javascript; charset=utf-8",
     ".css": b"text/css; charset=utf-8",
     ".json": b"application/json",
+    ".mjs": b"text/javascript; charset=utf-8",
+    ".wasm": b"application/wasm",
 }
+VENDOR_DIR = UI_DIR / "ort"  # onnxruntime-web's dist files (README.md there: version, refresh)
+COMPRESSED = ".gz"  # stored gzipped: sent as is to clients that accept gzip, else inflated
 # Only this origin's scripts, styles and API; no inline script or style, no framing.
+# 'wasm-unsafe-eval' lets this origin's scripts compile WebAssembly (onnxruntime-web), nothing
+# more: eval and inline scripts stay refused.
 CSP = (
-    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    b"default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; "
+    b"img-src 'self' data:; "
     b"connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 HEADERS = [
@@ -39,11 +48,30 @@ class Asset(NamedTuple):
     body: bytes
     content_type: bytes
     etag: bytes
+    gzipped: bool = False  # `body` is gzip of the file
 
 
-def _asset(body: bytes, suffix: str) -> Asset:
+def _asset(body: bytes, suffix: str, gzipped: bool = False) -> Asset:
     etag = b'"' + hashlib.sha256(body).hexdigest()[:16].encode() + b'"'
-    return Asset(body, CONTENT_TYPES[suffix], etag)
+    return Asset(body, CONTENT_TYPES[suffix], etag, gzipped)
+
+
+def _vendor_assets() -> dict[str, Asset]:
+    """onnxruntime-web's files, by path; `x.wasm.gz` is served as `x.wasm`."""
+    assets = {}
+    for path in sorted(VENDOR_DIR.iterdir()) if VENDOR_DIR.is_dir() else ():
+        gzipped = path.suffix == COMPRESSED
+        served = path.with_suffix("") if gzipped else path
+        if served.suffix in CONTENT_TYPES:
+            url = f"{PREFIX}/{VENDOR_DIR.name}/{served.name}"
+            assets[url] = _asset(path.read_bytes(), served.suffix, gzipped)
+    return assets
+
+
+def _accepts_gzip(scope: Scope) -> bool:
+    return any(
+        name == b"accept-encoding" and b"gzip" in value for name, value in scope.get("headers", ())
+    )
 
 
 class WebPage:
@@ -59,6 +87,8 @@ class WebPage:
             if path.suffix in CONTENT_TYPES
         }
         self.assets[PREFIX] = self.assets[f"{PREFIX}/"] = self.assets[f"{PREFIX}/index.html"]
+        self.assets.update(_vendor_assets())
+        self.inflated: dict[str, bytes] = {}  # gzipped assets for clients without gzip
         presets = json.dumps({"key": key, "examples": examples}).encode()
         self.assets[f"{PREFIX}/examples.json"] = _asset(presets, ".json")
 
@@ -77,13 +107,20 @@ class WebPage:
             for name, value in scope.get("headers", ())
         )
         headers = [*HEADERS, (b"etag", asset.etag)]
+        body = asset.body
+        if asset.gzipped:
+            headers.append((b"vary", b"accept-encoding"))
+            if _accepts_gzip(scope):
+                headers.append((b"content-encoding", b"gzip"))
+            else:
+                body = self.inflated.setdefault(scope["path"], gzip.decompress(asset.body))
         if not fresh:
             headers += [
                 (b"content-type", asset.content_type),
-                (b"content-length", str(len(asset.body)).encode()),
+                (b"content-length", str(len(body)).encode()),
             ]
         await send(
             {"type": "http.response.start", "status": 304 if fresh else 200, "headers": headers}
         )
-        body = b"" if fresh or scope["method"] == "HEAD" else asset.body
+        body = b"" if fresh or scope["method"] == "HEAD" else body
         await send({"type": "http.response.body", "body": body, "more_body": False})

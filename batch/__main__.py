@@ -93,7 +93,12 @@ def score_spark(settings: Settings, args: argparse.Namespace) -> dict:
         spark.stop()
     rows = counts["rows_scored"] + counts["rows_rejected"]
     seconds = time.perf_counter() - started
-    return {**counts, "model": str(models.model.tag), "rows_per_s": round(rows / seconds)}
+    return {
+        **counts,
+        "model": str(models.model.tag),
+        "data_sha256": models.data_sha256,
+        "rows_per_s": round(rows / seconds),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

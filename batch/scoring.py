@@ -51,6 +51,11 @@ class ScoringModels:
     def version(self) -> str:
         return str(self.model.info.labels["registered_version"])
 
+    @property
+    def data_sha256(self) -> str | None:
+        """The training data digest (lineage); None for an import from before it."""
+        return self.model.info.labels.get("data_sha256") or None
+
 
 def resolve_models(use_case: UseCase, flavor: str, tag: str | None, alias: str) -> ScoringModels:
     """By tag (`churn-xgboost:v3-…`, or `:latest` = what `bentoml serve` serves), else the most
@@ -197,6 +202,7 @@ def category_codes(column: pd.Series, categories: Sequence[str]) -> npt.NDArray[
 class Summary:
     job_id: str
     model: str
+    data_sha256: str | None = None  # the model's training data (lineage)
     rows_scored: int = 0
     rows_rejected: int = 0
     rows_skipped: int = 0
@@ -353,12 +359,13 @@ def _run(
             "output_table": table,
             "use_case": use_case.name,
             "model": str(models.model.tag),
+            "data_sha256": models.data_sha256,
             "source": source,
             "chunk_rows": chunk_rows,
         },
         force,
     )
-    summary = Summary(job_id=job_id, model=str(models.model.tag))
+    summary = Summary(job_id=job_id, model=str(models.model.tag), data_sha256=models.data_sha256)
     if record["status"] == "finished":
         summary.already_finished = True
         summary.rows_scored, summary.rows_rejected = record["rows_scored"], record["rows_rejected"]

@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from configuration.database import database_engine
+from configuration.database import add_missing_columns, database_engine
 
 JOBS_TABLE = "scoring_jobs"
 PREDICTION_COLUMNS = (
@@ -125,6 +125,7 @@ class Sink:
             Column("output_table", String(128), nullable=False),
             Column("use_case", String(64), nullable=False),
             Column("model", String(256), nullable=False),
+            Column("data_sha256", String(64)),  # the model's training data (lineage)
             Column("source", Text, nullable=False),
             Column("chunk_rows", Integer, nullable=False),
             Column("chunks_done", Integer, nullable=False),
@@ -135,6 +136,7 @@ class Sink:
             Column("finished_at", DateTime(timezone=True)),
         )
         self.metadata.create_all(self.engine)
+        add_missing_columns(self.engine, self.jobs)  # a job table from an earlier release
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from api.v2 import request_for
 from benchmarks.inprocess import rows_per_second
 from benchmarks.load import LoadResult, PeakRss, run_wrk
 from configuration import current_use_case
@@ -33,14 +34,19 @@ from tests.harness import (
 )
 
 ROWS_PER_BATCH_REQUEST = 100
-SCENARIOS = [  # (label, rows per request, connections)
+V2 = "V2 "  # label prefix: the same rows through the Open Inference Protocol's infer
+SCENARIOS = [  # (label, rows per request, connections); each V2 cell right after its /v1 twin
     ("1 row, c=1 (fresh)", 1, 1),
     ("1 row, c=8", 1, 8),
     ("1 row, c=64", 1, 64),
+    (f"{V2}1 row, c=64", 1, 64),
     ("100 rows, c=1", ROWS_PER_BATCH_REQUEST, 1),
     ("100 rows, c=8", ROWS_PER_BATCH_REQUEST, 8),
+    (f"{V2}100 rows, c=8", ROWS_PER_BATCH_REQUEST, 8),
     ("100 rows, c=64", ROWS_PER_BATCH_REQUEST, 64),
+    (f"{V2}100 rows, c=64", ROWS_PER_BATCH_REQUEST, 64),
     ("1 row, c=1 (after bursts)", 1, 1),
+    (f"{V2}1 row, c=1 (after bursts)", 1, 1),
 ]
 COLD_STARTS = 3  # starts of `bentoml serve` timed to /readyz (median)
 READY_TIMEOUT_S = 180
@@ -94,9 +100,14 @@ def median_result(results: list[LoadResult]) -> LoadResult:
     )
 
 
-def measure(url: str, rows: int, connections: int, duration: float, repeat: int) -> LoadResult:
-    example = dict(current_use_case().examples[0])
-    if rows == 1:
+def measure(
+    url: str, rows: int, connections: int, duration: float, repeat: int, v2: bool = False
+) -> LoadResult:
+    use_case = current_use_case()
+    example = dict(use_case.examples[0])
+    if v2:  # /v1's rows as one input per feature
+        path, body = f"/v2/models/{use_case.name}/infer", request_for(use_case, [example] * rows)
+    elif rows == 1:
         path, body = "/v1/predict", {"instance": example}
     else:
         path, body = "/v1/predict_batch", {"instances": [example] * rows}
@@ -136,7 +147,8 @@ def benchmark(args: argparse.Namespace, logs: Path) -> int:
         with PeakRss(service.process.pid) as rss:
             for label, rows, connections in SCENARIOS:
                 print(f"service: {label} ...", flush=True)
-                results[label] = measure(url, rows, connections, args.duration, args.repeat)
+                v2 = label.startswith(V2)
+                results[label] = measure(url, rows, connections, args.duration, args.repeat, v2)
     cold_start = statistics.median(cold_starts)
 
     naive_results = {}
@@ -151,7 +163,7 @@ def benchmark(args: argparse.Namespace, logs: Path) -> int:
     print()
     print(f"{'scenario':34} {'req/s':>9} {'rows/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
     for label, result in {**results, **naive_results}.items():
-        rows = ROWS_PER_BATCH_REQUEST if label.startswith("100 rows") else 1
+        rows = ROWS_PER_BATCH_REQUEST if "100 rows" in label else 1
         print(
             f"{label:34} {result.requests_per_s:9.0f} {result.requests_per_s * rows:10.0f} "
             f"{result.p50_ms:8.2f} {result.p99_ms:8.2f} {result.errors:7d}"
@@ -173,6 +185,12 @@ def benchmark(args: argparse.Namespace, logs: Path) -> int:
         f"ratio 1 row c=64 vs naive FastAPI: {ours / baseline:.1f}x; "
         f"100 rows c=8 vs in-process limit: {batch_rows / limit['runners']:.2f}"
     )
+    v2_ratios = ", ".join(
+        f"{label}: {results[V2 + label].requests_per_s / results[label].requests_per_s:.2f}"
+        for label, *_ in SCENARIOS
+        if V2 + label in results
+    )
+    print(f"V2 (Open Inference Protocol) vs /v1 throughput, same rows: {v2_ratios}")
     if args.json:
         args.json.write_text(
             json.dumps(

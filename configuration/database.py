@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import Table, create_engine, event, inspect
 from sqlalchemy.engine import Engine
 
 
@@ -37,3 +37,21 @@ def create_tables(engine: Engine, *tables: Any) -> None:
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
         for table in tables:
             table.create(conn, checkfirst=True)
+
+
+def add_missing_columns(engine: Engine, table: Table) -> list[str]:
+    """Add `table`'s nullable columns that its stored table lacks (created by an earlier release,
+    before they existed): the names added. Other differences are left to the operator."""
+    existing = {column["name"] for column in inspect(engine).get_columns(table.name)}
+    quote = engine.dialect.identifier_preparer.quote
+    added = []
+    with engine.begin() as conn:
+        for column in table.columns:
+            if column.name in existing or not column.nullable:
+                continue
+            kind = column.type.compile(dialect=engine.dialect)
+            conn.exec_driver_sql(
+                f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}"
+            )
+            added.append(column.name)
+    return added

@@ -248,6 +248,24 @@ class Settings(BaseSettings):
     xgb_learning_rate: PositiveFloat = Field(0.05, description="XGBoost learning rate (eta).")
     sklearn_c: PositiveFloat = Field(1.0, description="Inverse L2 strength of LogisticRegression.")
 
+    # --- ONNX export (docs/onnx.md) -----------------------------------------------------------
+    onnx_export: bool = Field(
+        True,
+        description="At training, export each model with its preprocessing as one ONNX graph "
+        "(served at /v1/model.onnx) if it passes the parity gate; off: no export.",
+    )
+    onnx_parity_rows: int = Field(
+        10_000,
+        ge=10_000,
+        description="Random valid rows (missing values and every category included; seeded "
+        "by `seed`) the parity gate scores, besides the use case's examples.",
+    )
+    onnx_parity_tolerance: PositiveFloat = Field(
+        1e-5,
+        description="Largest |difference| between onnxruntime's and the served model's "
+        "probability of any class on any parity row; beyond it the export is refused.",
+    )
+
     @field_validator("webhook_secret")
     @classmethod
     def _whsec(cls, secret: SecretStr | None) -> SecretStr | None:

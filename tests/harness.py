@@ -243,3 +243,33 @@ def wait_for_status(
         assert status["status"] != "failed", status
         time.sleep(poll_s)
     raise AssertionError(f"task {task_id} not {wanted} within {timeout_s} s: {status}")
+
+
+def random_rows(use_case: Any, n: int, seed: int = 0, missing: float = 0.15) -> list[dict]:
+    """`n` valid rows drawn at random within the use case's bounds and categories (every
+    category and both booleans appear), a nullable value missing (None) with probability
+    `missing`; keys `R-<i>`, personal data where the use case has it."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        row: dict[str, Any] = {}
+        for f in use_case.features:
+            if f.name == use_case.key:
+                row[f.name] = f"R-{i}"
+            elif f.pii:
+                row[f.name] = f"person-{i}@example.com"
+            elif f.nullable and rng.random() < missing:
+                row[f.name] = None
+            elif f.type == "numeric":
+                row[f.name] = round(float(rng.uniform(f.min, f.max)), 2)
+            elif f.type == "categorical":
+                pick = i if i < len(f.categories) else int(rng.integers(len(f.categories)))
+                row[f.name] = str(f.categories[pick])
+            elif f.type == "boolean":
+                row[f.name] = bool(rng.random() < 0.5)
+            else:
+                row[f.name] = "x" * int(rng.integers(0, min(f.max_length, 8) + 1))
+        out.append(row)
+    return out

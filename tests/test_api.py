@@ -16,7 +16,7 @@ from runners.batching import isolate_failures
 from .harness import run_python
 
 PREDICT = "/v1/predict"
-CONTRACT_VERSION = 4
+CONTRACT_VERSION = 5
 BATCH = "/v1/predict_batch"
 
 
@@ -198,6 +198,8 @@ class TestModelAndDocs:
         assert body["classes"] == ["stayed", "churned"]
         assert body["serving"]["bento_tag"] == str(demo_models["xgboost"].tag)
         xgb = body["models"]["xgboost"]
+        assert xgb["data_sha256"] == demo_models["xgboost"].info.labels["data_sha256"]
+        assert xgb["data_rows"] == 4000  # SCORING_DEMO_ROWS of the test session
         labels = demo_models["xgboost"].info.labels
         assert xgb["run_id"] == labels["run_id"] and xgb["alias"] == "champion"
         assert xgb["sha256"] == demo_models["xgboost"].info.metadata["sha256"]

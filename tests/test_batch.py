@@ -70,6 +70,39 @@ def test_batch_scores_equal_the_online_service(models, churn, api_client, tmp_pa
         probabilities = stored["probabilities"]
         assert (probabilities and json.loads(probabilities)) == prediction["probabilities"]
         assert stored["model_version"] == online["model"]["version"]
+    with connect(url) as conn:  # the job record names the data that trained its model
+        job = conn.execute(text("SELECT data_sha256 FROM scoring_jobs")).scalar()
+    assert job == summary.data_sha256 == models.model.info.labels["data_sha256"]
+    assert len(job) == 64
+
+
+def test_a_job_table_of_an_earlier_release_gets_the_lineage_column(models, churn, tmp_path):
+    url = f"sqlite:///{tmp_path / 'out.db'}"
+    with connect(url) as conn:  # scoring_jobs as created before data lineage
+        conn.execute(
+            text(
+                "CREATE TABLE scoring_jobs (job_id VARCHAR(64) PRIMARY KEY, output_table "
+                "VARCHAR(128) NOT NULL, use_case VARCHAR(64) NOT NULL, model VARCHAR(256) NOT "
+                "NULL, source TEXT NOT NULL, chunk_rows INTEGER NOT NULL, chunks_done INTEGER NOT "
+                "NULL, rows_scored INTEGER NOT NULL, rows_rejected INTEGER NOT NULL, status "
+                "VARCHAR(16) NOT NULL, started_at DATETIME NOT NULL, finished_at DATETIME)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO scoring_jobs VALUES ('old', 't', 'churn', 'm', 's', 1, 1, 1, 0, "
+                "'finished', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+            )
+        )
+        conn.commit()
+    leads(20, seed=4).to_csv(tmp_path / "in.csv", index=False)
+    summary = run(
+        churn, models, str(tmp_path / "in.csv"), url, "scores", chunk_rows=8, job_id="new"
+    )
+    assert summary.rows_scored == 20
+    with connect(url) as conn:
+        jobs = dict(conn.execute(text("SELECT job_id, data_sha256 FROM scoring_jobs")).all())
+    assert jobs == {"old": None, "new": models.data_sha256} and models.data_sha256
 
 
 def test_bad_rows_go_to_rejects_with_reasons_and_never_stop_the_job(models, churn, tmp_path):

@@ -6,6 +6,7 @@ SCORING_TEST_SCREENSHOTS when set) and fails on any browser console error."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -337,3 +338,56 @@ def test_a_use_case_added_as_yaml_only_multiclass_without_examples(
     assert len(answer.json()["prediction"]["probabilities"]) == 3
     assert_shows(tab.page, answer.json())
     tab.finish(tmp_path, "ui-yaml-only-multiclass")
+
+
+def test_scored_in_the_browser_with_the_onnx_graph_as_the_server_scores(
+    churn_server, churn, browser, tmp_path
+):
+    """ "Score in this browser": /v1/model.onnx run by onnxruntime-web in Chromium answers the
+    README's example and 100 rows (examples, random rows with missing values and every
+    category) with the server's probabilities within 1e-5."""
+    from training.onnx_export import parity_rows
+
+    graph = httpx.get(f"{churn_server}/v1/model.onnx", timeout=30)
+    assert graph.status_code == 200
+    assert hashlib.sha256(graph.content).hexdigest() == graph.headers["x-model-sha256"]
+    tab = Tab(browser, churn_server)
+    row = readme_example()
+    tab.fill(row)
+    tab.page.click("#score-local")
+    tab.page.wait_for_selector("#local-answer")  # visible once the browser answered
+    shown = tab.page.eval_on_selector_all(
+        "#local-probabilities tbody tr",
+        "rows => rows.map(r => [r.dataset.class, Number(r.cells[1].dataset.value)])",
+    )
+    answer = predict(churn_server, row).json()["prediction"]
+    assert [c for c, _ in shown] == list(answer["probabilities"])
+    readme_diff = max(abs(p - answer["probabilities"][c]) for c, p in shown)
+    assert tab.page.text_content("#local-label") == answer["label"]
+    assert graph.headers["x-model-sha256"][:12] in tab.page.text_content("#local-model")
+
+    # 100 rows the model answers itself (a low-confidence answer falls back to the use case's
+    # rule, without probabilities): examples, then random rows with missing values
+    candidates = parity_rows(churn, 400, seed=7)
+    served = httpx.post(
+        f"{churn_server}/v1/predict_batch", json={"instances": candidates}, timeout=60
+    )
+    assert served.status_code == 200
+    answered = [
+        (row, prediction)
+        for row, prediction in zip(candidates, served.json()["predictions"], strict=True)
+        if prediction["source"] == "model"
+    ][:100]
+    assert len(answered) == 100
+    rows = [row for row, _ in answered]
+    local = tab.page.evaluate("rows => browserScores(rows)", rows)
+    assert local["model"]["sha256"] == graph.headers["x-model-sha256"]
+    diffs = [
+        abs(p - prediction["probabilities"][c])
+        for mine, (_, prediction) in zip(local["probabilities"], answered, strict=True)
+        for c, p in mine.items()
+    ]
+    assert len(diffs) == 100 * len(churn.target.classes)
+    print(f"in-browser max |dp|: README example {readme_diff:.3g}, 100 rows {max(diffs):.3g}")
+    assert readme_diff < 1e-5 and max(diffs) < 1e-5
+    tab.finish(tmp_path, "ui-score-in-browser")

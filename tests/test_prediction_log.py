@@ -82,5 +82,6 @@ def test_no_personal_data_reaches_any_log(demo_models, churn, tmp_path):
     for entry in entries:
         assert entry["input"]["email"].startswith("hmac-sha256:")
         assert entry["arm"] == "champion" and entry["model_version"] == "1"
+        assert entry["data_sha256"] == demo_models["xgboost"].info.labels["data_sha256"]
         assert "fallback_reason" in entry and entry["label"] in ("stayed", "churned", None)
     assert keyed(emails[0]) == entries[0]["input"]["email"]

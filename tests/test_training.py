@@ -23,10 +23,13 @@ from configuration.use_case import UseCaseError
 from runners.artifacts import IntegrityError
 from training import jobs
 from training.data import generate_churn, validate_frame
+from training.lineage import DataLineage, LineageError, frame_sha256
 from training.registry import GateError
 from training.store import SignatureMismatch
 
-from .harness import run_cli
+from .harness import PROJECT, run_cli
+
+README = PROJECT / "README.md"
 
 # A warning of MLflow or scikit-learn in a CLI's output, as a log record ("2026/01/01 00:00:00
 # WARNING mlflow.sklearn: Model was missing function: predict. ...") or as a Python warning
@@ -208,6 +211,89 @@ class TestRegistryAndStore:
         assert "log_loss" in run.stderr and "> max 0.01" in run.stderr
         assert "Traceback" not in run.stderr
         assert not library_warnings(run), "\n".join(library_warnings(run))
+
+
+class TestLineage:
+    """Which exact data trained a model: a full-content digest, from the run to every answer."""
+
+    def test_the_digest_changes_with_one_row_of_the_file_and_not_otherwise(self, tmp_path):
+        frame = generate_churn(12_000, 5)
+        path = tmp_path / "churn.csv"
+        frame.to_csv(path, index=False)
+
+        def lineage() -> DataLineage:
+            loaded = pd.read_csv(path)
+            half = loaded.index[: len(loaded) // 2]
+            return DataLineage.of(loaded, "churn.csv", path, half, loaded.index.difference(half))
+
+        first = lineage()
+        frame.to_csv(path, index=False)  # written again, same content
+        assert lineage() == first
+        assert first.data_rows == 12_000 and len(first.data_sha256) == 64
+        assert first.data_source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        changed = frame.copy()
+        changed.loc[11_000, "monthly_charges"] += 0.01  # one value of one row past 10,000
+        changed.to_csv(path, index=False)
+        second = lineage()
+        assert second.data_sha256 != first.data_sha256
+        assert second.data_source_sha256 != first.data_source_sha256
+        assert second.train_sha256 == first.train_sha256  # the changed row is held out
+        assert second.holdout_sha256 != first.holdout_sha256
+        # MLflow's own digest reads only the first 10,000 rows: it cannot tell these apart
+        mlflow_digest = lambda f: mlflow.data.from_pandas(f).digest  # noqa: E731
+        assert mlflow_digest(frame) == mlflow_digest(changed)
+
+    def test_the_readme_shows_the_demo_datas_digest(self, churn):
+        """The README's /v1/model output: the demo's 20,000 generated rows (default seed)."""
+        shown = re.search(
+            r'"data_sha256": "([0-9a-f]{64})", "data_rows": (\d+)', README.read_text()
+        )
+        assert shown, "README lost its lineage example"
+        defaults = Settings.model_fields
+        rows, seed = defaults["demo_rows"].default, defaults["seed"].default
+        assert int(shown[2]) == rows
+        assert frame_sha256(validate_frame(churn, generate_churn(rows, seed))) == shown[1]
+
+    def test_training_logs_the_digest_and_the_import_carries_it(self, demo_models, churn):
+        client = MlflowClient()
+        model = demo_models["xgboost"]
+        run = client.get_run(model.info.labels["run_id"])
+        digest = run.data.tags["data_sha256"]
+        expected = frame_sha256(validate_frame(churn, generate_churn(4000, get_settings().seed)))
+        assert digest == expected  # the whole table, as trained on (SCORING_DEMO_ROWS=4000)
+        assert run.data.tags["data_rows"] == "4000"
+        assert run.data.tags["data_source"] == "generator:churn"
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert set(inputs) == {"source", "training", "evaluation"}  # the contexts
+        assert inputs["source"].digest == digest[:36] and inputs["source"].name == "churn-source"
+        for part in demo_models.values():
+            assert part.info.labels["data_sha256"] == digest  # a signed label
+            assert part.info.metadata["train_sha256"] == run.data.tags["train_sha256"]
+        version = client.get_model_version_by_alias("churn-xgboost", "champion")
+        assert version.tags["data_sha256"] == digest
+
+    def test_promote_refuses_a_changed_training_file_or_a_missing_digest(self, tmp_path):
+        generate_churn(3000, 9).to_csv(tmp_path / "lineage.csv", index=False)
+        use_case_dir = copy_use_case(
+            tmp_path, "lineage", lambda raw: raw["data"].update(source="lineage.csv")
+        )
+        settings = settings_with_use_cases(use_case_dir)
+        jobs.train(settings, "lineage")
+        original = (tmp_path / "lineage.csv").read_text()
+        lines = original.splitlines(keepends=True)
+        lines[5] = lines[5].replace("@", "+changed@", 1)  # one row, one value
+        (tmp_path / "lineage.csv").write_text("".join(lines))
+        with pytest.raises(
+            LineageError, match=r"lineage-xgboost v1 not promoted: its training file .*changed"
+        ):
+            jobs.promote(settings, "lineage", ("xgboost",))
+        (tmp_path / "lineage.csv").write_text(original)
+        assert jobs.promote(settings, "lineage", ("xgboost",)) == {"xgboost": "1"}
+        client = MlflowClient()
+        version = client.get_model_version_by_alias("lineage-sklearn", "candidate")
+        client.delete_tag(version.run_id, "data_sha256")
+        with pytest.raises(LineageError, match="records no data digest"):
+            jobs.promote(settings, "lineage", ("sklearn",))
 
 
 class TestParity:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from configuration import UseCaseError, get_settings
 from training import jobs
+from training.lineage import LineageError
 from training.pipeline import FLAVORS
 from training.registry import CANDIDATE, CHAMPION, GateError
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 else jobs.demo(settings, args.use_case)
             )
             print(json.dumps({part: str(model.tag) for part, model in models.items()}))
-    except (UseCaseError, GateError, LookupError) as exc:
+    except (UseCaseError, GateError, LineageError, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

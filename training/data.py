@@ -125,6 +125,17 @@ GENERATORS: dict[str, Callable[[int, int], pd.DataFrame]] = {"churn": generate_c
 BUNDLED: dict[str, Callable[[], pd.DataFrame]] = {"breast_cancer": load_breast_cancer_frame}
 
 
+def data_file(use_case: UseCase, use_case_path: Path) -> Path | None:
+    """The file the use case's training data is read from; None for a generator or a bundled
+    dataset."""
+    source = use_case.data.source
+    kind, _, name = source.partition(":")
+    if (kind == "generator" and name in GENERATORS) or (kind == "sklearn" and name in BUNDLED):
+        return None
+    path = Path(source)
+    return path if path.is_absolute() else use_case_path.parent / path
+
+
 def load_frame(use_case: UseCase, use_case_path: Path, n_rows: int, seed: int) -> pd.DataFrame:
     """Read the use case's training data from its declared source."""
     source = use_case.data.source
@@ -133,9 +144,8 @@ def load_frame(use_case: UseCase, use_case_path: Path, n_rows: int, seed: int) -
         return GENERATORS[name](n_rows, seed)
     if kind == "sklearn" and name in BUNDLED:
         return BUNDLED[name]()
-    path = Path(source)
-    if not path.is_absolute():
-        path = use_case_path.parent / path
+    path = data_file(use_case, use_case_path)
+    assert path is not None
     if path.suffix == ".csv":
         return pd.read_csv(path, keep_default_na=True)
     if path.suffix in {".parquet", ".pq"}:

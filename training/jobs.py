@@ -10,7 +10,8 @@ import bentoml
 
 from configuration import Settings, UseCase, load_use_case
 from training import registry, store
-from training.data import load_frame, validate_frame
+from training.data import data_file, load_frame, validate_frame
+from training.lineage import DataLineage
 from training.pipeline import FLAVORS, fit
 
 LOG = logging.getLogger(__name__)
@@ -36,7 +37,15 @@ def train(settings: Settings, name: str | None = None, data: Path | None = None)
         )
     frame = validate_frame(use_case, load_frame(use_case, path, settings.demo_rows, settings.seed))
     trained = fit(use_case, frame, settings)
-    run = registry.log_and_register(settings, use_case, path, trained)
+    lineage = DataLineage.of(
+        frame,
+        use_case.data.source,
+        data_file(use_case, path),
+        trained.train_index,
+        trained.holdout_index,
+    )
+    run = registry.log_and_register(settings, use_case, path, trained, lineage, frame)
+    LOG.info("trained on %d rows, SHA-256 %s", lineage.data_rows, lineage.data_sha256)
     return TrainResult(run=run, metrics=trained.metrics)
 
 

@@ -85,6 +85,9 @@ class TrainedModels:
     feature_names: list[str]
     params: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)  # drift reference statistics
+    # the split: index labels of the input frame's training and held-out rows (lineage)
+    train_index: pd.Index = field(default_factory=lambda: pd.Index([]))
+    holdout_index: pd.Index = field(default_factory=lambda: pd.Index([]))
 
 
 def fit(use_case: UseCase, frame: pd.DataFrame, settings: Settings) -> TrainedModels:
@@ -136,4 +139,6 @@ def fit(use_case: UseCase, frame: pd.DataFrame, settings: Settings) -> TrainedMo
         feature_names=[str(n) for n in preprocessor.get_feature_names_out()],
         params=params,
         reference=reference_statistics(use_case, x_train, scores),
+        train_index=x_train.index,
+        holdout_index=x_test.index,
     )

@@ -19,6 +19,8 @@ from mlflow.types import ColSpec, Schema
 
 from configuration import Settings, UseCase
 from runners.artifacts import SKOPS_TRUSTED_TYPES
+from training import onnx_export
+from training.lineage import DataLineage, check_run
 from training.pipeline import FLAVORS, TrainedModels
 
 LOG = logging.getLogger(__name__)
@@ -107,10 +109,15 @@ class RegisteredRun:
 
 
 def log_and_register(
-    settings: Settings, use_case: UseCase, use_case_path: Path, trained: TrainedModels
+    settings: Settings,
+    use_case: UseCase,
+    use_case_path: Path,
+    trained: TrainedModels,
+    data: DataLineage | None = None,
+    frame: pd.DataFrame | None = None,
 ) -> RegisteredRun:
-    """One MLflow run with params, metrics, the use case file and three registered models, each
-    version given the alias `candidate`."""
+    """One MLflow run with params, metrics, the use case file, the data lineage (`data`, of the
+    table `frame`) and three registered models, each version given the alias `candidate`."""
     experiment_id = configure(settings, use_case)
     client = client_for(settings)
     example_raw = use_case.frame([dict(use_case.examples[0])]) if use_case.examples else None
@@ -127,6 +134,16 @@ def log_and_register(
             mlflow.log_metrics({f"{flavor}.{name}": value for name, value in metrics.items()})
         mlflow.log_artifact(str(use_case_path), artifact_path="use_case")
         mlflow.log_dict(trained.reference, REFERENCE_ARTIFACT)
+        if data is not None and frame is not None:
+            data.log(
+                use_case.name,
+                frame,
+                use_case.target.name,
+                trained.train_index,
+                trained.holdout_index,
+            )
+        # one ONNX graph per model, each only if it passes the parity gate (docs/onnx.md)
+        onnx_export.log_exports(settings, use_case, trained.preprocessor, trained.models)
         infos = {}
         # The preprocessor is a transformer: it has no `predict`, so MLflow logs it without a
         # pyfunc flavor and cannot run its input example through one, and says so in these two
@@ -183,6 +200,8 @@ def log_and_register(
         name = use_case.registered_name(component)
         client.set_model_version_tag(name, version, "use_case", use_case.name)
         client.set_model_version_tag(name, version, "run_id", run.info.run_id)
+        if data is not None:
+            client.set_model_version_tag(name, version, "data_sha256", data.data_sha256)
         if component in FLAVORS:
             client.set_model_version_tag(
                 name, version, VERSION_TAG_PREPROCESSOR, versions[PREPROCESSOR]
@@ -236,6 +255,11 @@ def promote(
     (The preprocessor needs no alias: each model version names its own in a version tag.)"""
     version = resolve(client, use_case, flavor, source_alias)
     check_gates(client, use_case, flavor, version)
+    assert version.run_id is not None
+    check_run(
+        client.get_run(version.run_id).data.tags,
+        f"{use_case.registered_name(flavor)} v{version.version}",
+    )
     client.set_registered_model_alias(
         use_case.registered_name(flavor), target_alias, str(version.version)
     )

@@ -30,7 +30,9 @@ from configuration import Settings, UseCase, UseCaseError
 from configuration.digests import sha256_of
 from configuration.signing import sign_model_dir, signing_key
 from runners.artifacts import SKOPS_TRUSTED_TYPES
+from training import onnx_export
 from training.encoder_compiler import NotCompilable, check_parity, compile_encoder
+from training.lineage import TAGS as DATA_TAGS
 from training.pipeline import FLAVORS
 from training.registry import (
     PREPROCESSOR,
@@ -169,8 +171,10 @@ def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str,
                 "use_case": use_case.name,
                 "alias": alias,
                 "run_id": version.run_id,
+                "data_sha256": run.data.tags.get("data_sha256", ""),  # labels are signed
             }
             common = {
+                **{key: run.data.tags.get(key, "") for key in DATA_TAGS},
                 "use_case_sha256": run.data.tags.get("use_case_sha256", ""),
                 "classes": list(use_case.target.classes),
                 "feature_names": feature_names,
@@ -199,6 +203,9 @@ def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str,
             reference = mlflow.artifacts.download_artifacts(
                 run_id=version.run_id, artifact_path=REFERENCE_ARTIFACT, dst_path=scratch
             )
+            onnx_files, onnx_metadata = onnx_export.stored_export(
+                run, flavor, Path(scratch) / f"{flavor}-onnx"
+            )
             imported[flavor] = _save(
                 use_case,
                 flavor,
@@ -215,9 +222,13 @@ def import_alias(settings: Settings, use_case: UseCase, alias: str) -> dict[str,
                     "metrics": metrics,
                     "preprocessor_tag": str(pre.tag),
                     "preprocessor_sha256": pre.info.metadata["sha256"],
+                    **onnx_metadata,
                 },
                 signer=signer,
-                extra_files={"reference": ("reference.json", Path(reference).read_bytes())},
+                extra_files={
+                    "reference": ("reference.json", Path(reference).read_bytes()),
+                    **onnx_files,  # the ONNX graph, if it passed the parity gate
+                },
             )
             imported[PREPROCESSOR] = pre
             LOG.info("imported %s (with %s)", imported[flavor].tag, pre.tag)

@@ -277,6 +277,135 @@ function buildForm(presets) {
   });
 }
 
+// ---- Score in this browser: the served model's ONNX graph in onnxruntime-web -------------
+// onnxruntime-web 1.31.1 from the npm registry: dist/ort.wasm.bundle.min.mjs and
+// dist/ort-wasm-simd-threaded.wasm (gzipped) in api/ui/ort/, loaded only when asked for;
+// api/ui/ort/README.md says how to refresh them. The graph's inputs are in docs/onnx.md.
+const ORT_DIR = "/ui/ort/";
+const ORT_SCRIPT = `${ORT_DIR}ort.wasm.bundle.min.mjs`;
+const local = { ort: null, session: null, sha256: null, name: null, version: null, bytes: 0 };
+
+function hex(buffer) {
+  return [...new Uint8Array(buffer)].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+async function onnxSession() {
+  if (!local.ort) {
+    local.ort = await import(ORT_SCRIPT);
+    // the glue code is in the bundle: only the .wasm is fetched
+    local.ort.env.wasm.wasmPaths = { wasm: `${ORT_DIR}ort-wasm-simd-threaded.wasm` };
+    local.ort.env.wasm.numThreads = 1;  // threads need cross-origin isolation; one is plenty
+  }
+  // revalidated against its ETag by the browser's cache: a new champion is downloaded once
+  const response = await fetch(`${API}/model.onnx`);
+  if (!response.ok) {
+    const body = await response.json().catch(() => null);
+    throw new Error(body && body.error ? body.error.message : `the server answered ${response.status}`);
+  }
+  const sha256 = response.headers.get("x-model-sha256");
+  if (local.session && sha256 === local.sha256) return local;
+  const bytes = new Uint8Array(await response.arrayBuffer());
+  if (crypto.subtle && hex(await crypto.subtle.digest("SHA-256", bytes)) !== sha256) {
+    throw new Error("the downloaded graph does not match its X-Model-SHA256 header");
+  }
+  local.session = await local.ort.InferenceSession.create(bytes);
+  Object.assign(local, {
+    sha256, bytes: bytes.length,
+    name: response.headers.get("x-model-name"), version: response.headers.get("x-model-version"),
+  });
+  return local;
+}
+
+function localProblems(row) {
+  // the contract's checks the graph needs (required values, bounds, categories): the server
+  // would refuse such a row, so the browser does not score it either
+  const problems = [];
+  for (const field of state.fields) {
+    const value = row[field.name];
+    if (value === undefined || value === null) {
+      if (field.required) problems.push([field.name, "Field required"]);
+    } else if (field.type === "numeric" && !(value >= field.min && value <= field.max)) {
+      problems.push([field.name, `Input should be between ${field.min} and ${field.max}`]);
+    } else if (field.type === "categorical" && !field.categories.includes(value)) {
+      problems.push([field.name, `Input should be one of ${field.categories.join(", ")}`]);
+    }
+  }
+  return problems;
+}
+
+function feedsOf(rows) {
+  // one [n, 1] column per model feature: strings ("" when missing) for categories, doubles
+  // (NaN when missing; booleans 1 or 0) for the rest
+  const { ort, session } = local;
+  const types = new Map(state.fields.map((f) => [f.name, f.type]));
+  const feeds = {};
+  for (const name of session.inputNames) {
+    const values = rows.map((row) => row[name]);
+    feeds[name] = types.get(name) === "categorical"
+      ? new ort.Tensor("string", values.map((v) => (v === null || v === undefined ? "" : String(v))), [rows.length, 1])
+      : new ort.Tensor("float64", Float64Array.from(values, (v) => (v === null || v === undefined ? NaN : Number(v))), [rows.length, 1]);
+  }
+  return feeds;
+}
+
+async function browserScores(rows) {
+  // rows -> {probabilities: one {class: p} per row, model: what answered}; the page's button
+  // and tests/test_e2e_ui.py both call this
+  await onnxSession();
+  const output = await local.session.run(feedsOf(rows));
+  const tensor = output.probabilities;
+  const k = tensor.dims[1];
+  const probabilities = rows.map((_, i) =>
+    Object.fromEntries(state.classes.map((name, j) => [name, Number(tensor.data[i * k + j])])));
+  return { probabilities, model: { name: local.name, version: local.version, sha256: local.sha256, bytes: local.bytes } };
+}
+
+function localLabel(p) {
+  const info = state.info;
+  if (info.task === "binary") {
+    const positive = state.classes[state.classes.length - 1];
+    return p[positive] >= info.decision_threshold ? positive : state.classes[0];
+  }
+  return Object.entries(p).reduce((best, entry) => (entry[1] > best[1] ? entry : best))[0];
+}
+
+async function scoreInBrowser() {
+  clearErrors();
+  const button = $("score-local");
+  button.disabled = true;
+  try {
+    const row = readRow();
+    const problems = localProblems(row);
+    if (problems.length) {
+      for (const [name, msg] of problems) {
+        $(`f-${name}-error`).textContent = msg;
+        $(`f-${name}`).setAttribute("aria-invalid", "true");
+      }
+      $("form-error").textContent = "The row was not scored: see the fields marked above.";
+      return;
+    }
+    const started = performance.now();
+    const { probabilities: [p], model } = await browserScores([row]);
+    const ms = performance.now() - started;
+    $("local-answer").hidden = false;
+    $("local-label").textContent = localLabel(p);
+    $("local-model").textContent = `Model ${model.name} version ${model.version}: ONNX graph of ${count(Math.round(model.bytes / 1024))} KB, SHA-256 ${model.sha256.slice(0, 12)}…, ${ms.toFixed(1)} ms.`;
+    const rows = $("local-probabilities").tBodies[0];
+    rows.replaceChildren(...Object.entries(p).map(([name, value]) => {
+      const bar = el("span");
+      bar.style.width = `${(value * 100).toFixed(1)}%`;
+      return el("tr", { "data-class": name },
+        el("th", { scope: "row", text: name }),
+        el("td", { class: "num", "data-value": value, text: pct(value) }),
+        el("td", { class: "meter", "aria-hidden": "true" }, bar));
+    }));
+  } catch (error) {
+    $("form-error").textContent = `The row was not scored in this browser: ${error.message}`;
+  } finally {
+    button.disabled = false;
+  }
+}
+
 // ---- Score a file ------------------------------------------------------------------------
 function parseCsv(text) {
   const records = [];
@@ -526,6 +655,7 @@ async function start() {
     state.fields = fieldsOf(spec);
     buildForm(presets);
     const info = await health;
+    state.info = info;
     state.classes = info ? info.classes : [];
     if (info) {
       $("title").textContent = `Scoring: ${info.use_case}`;
@@ -537,6 +667,7 @@ async function start() {
     $("prev").addEventListener("click", () => { state.page -= 1; showPage(); });
     $("next").addEventListener("click", () => { state.page += 1; showPage(); });
     $("refresh").addEventListener("click", refreshHealth);
+    $("score-local").addEventListener("click", scoreInBrowser);
     performance.mark("ui-ready");  // the form works from here: the page's time to interactive
     document.body.dataset.ready = "true";
   } catch (error) {
