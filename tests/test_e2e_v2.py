@@ -5,16 +5,13 @@ protocol's."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import httpx
 import numpy as np
 import pytest
 
 from api.v2 import request_for
 
-from .harness import IN_CI, histogram, random_rows, serving
+from .harness import IN_CI, random_rows, serving
 
 pytestmark = pytest.mark.e2e
 try:
@@ -162,38 +159,6 @@ def test_missing_input_unknown_model_and_non_json(server, churn):
         assert unknown.status_code == 404 and set(unknown.json()) == {"error"}
         broken = http.post("/v2/models/churn/infer", content=b"{not json")
         assert broken.status_code == 400 and set(broken.json()) == {"error"}
-
-
-def test_concurrent_requests_share_runner_batches(server, churn):
-    """64 one-row requests at once go through the same runners, coalesced into batches."""
-    rows = random_rows(churn, 64, seed=5)
-    before = httpx.get(f"{server}/metrics", timeout=30).text
-
-    async def fire() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=server, timeout=60) as http:
-            return await asyncio.gather(
-                *(http.post("/v2/models/churn/infer", json=request_for(churn, [r])) for r in rows)
-            )
-
-    responses = asyncio.run(fire())
-    assert [r.status_code for r in responses] == [200] * len(rows)
-    reasons = {
-        o["data"][0]
-        for r in responses
-        for o in r.json()["outputs"]
-        if o["name"] == "fallback_reason"
-    }
-    assert reasons <= {None, "low_confidence"}  # the model answered each (no runner fallback)
-    rows0, batches0 = histogram(before, "scoring_runner_batch_rows", runner="xgboost")
-    deadline = time.monotonic() + 10  # the runner's metrics reach /metrics through its files
-    while True:
-        after = httpx.get(f"{server}/metrics", timeout=30).text
-        rows1, batches1 = histogram(after, "scoring_runner_batch_rows", runner="xgboost")
-        if rows1 - rows0 >= len(rows) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert rows1 - rows0 == len(rows)
-    assert (rows1 - rows0) / (batches1 - batches0) > 1.0  # batches formed
 
 
 def test_no_request_content_in_the_server_output_and_one_line_per_request(
