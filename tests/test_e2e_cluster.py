@@ -88,6 +88,10 @@ def replicas(two_versions, postgres_url, tmp_path_factory) -> Iterator[Cluster]:
         "SCORING_PREDICTION_LOG_SAMPLE": "0",
         "SCORING_TASK_POLL_S": "0.2",
         "SCORING_TASK_LEASE_S": str(LEASE_S),
+        # drift gauges from a few rows, every second: the dashboard test needs one worker's
+        # window filled, whichever worker HAProxy and the kernel gave the rows to
+        "SCORING_DRIFT_MIN_ROWS": "20",
+        "SCORING_DRIFT_UPDATE_S": "1",
     }
     store = Path(two_versions["BENTOML_HOME"])
     with cluster(folder, store, env, replicas=2, api_workers=2, server_url=postgres_url) as c:
@@ -394,6 +398,9 @@ def test_metrics_add_up_in_prometheus(replicas, churn):
     print(f"\nrows sent {sent}; sum over replicas {before} -> {after}; {per_replica}")
     assert after - before == sent
     assert len(per_replica) == len(c.replicas)
+    deadline = time.monotonic() + 15  # the next drift update (1 s) and scrape (1 s)
+    while not c.query("scoring_drift_psi")["data"]["result"] and time.monotonic() < deadline:
+        time.sleep(0.5)
 
     dashboard = json.loads((PROJECT / "deploy" / "grafana-dashboard.json").read_text())
     empty = []
