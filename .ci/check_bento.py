@@ -1,5 +1,6 @@
 """Check a built Bento: models pinned to exact versions, the pinned requirements it ships, the
-service importable from the Bento alone, no training code, a slim non-root Dockerfile."""
+service importable from the Bento alone, no training code, onnxruntime-web for the page, a slim
+non-root Dockerfile."""
 
 import os
 import re
@@ -13,6 +14,8 @@ import bentoml
 PROJECT = Path(__file__).resolve().parent.parent
 REQUIRED_MODELS = {"preprocessor", "xgboost"}  # the default serving flavor
 FORBIDDEN_PACKAGES = ("mlflow", "xgboost")  # training-only / the CUDA-pulling wheel
+# onnxruntime-web for the page's "Score in this browser", fetched by .ci/onnxruntime-web
+VENDOR_FILES = ("ort.wasm.bundle.min.mjs", "ort-wasm-simd-threaded.wasm.gz")
 PIN = re.compile(r"^([A-Za-z0-9._-]+)(\[[^\]]*\])?==(\S+)")
 # run inside the Bento's src/ with nothing of the project on sys.path
 IMPORT_PROBE = """
@@ -77,6 +80,9 @@ def check_sources(bento: bentoml.Bento) -> list[str]:
     problems = []
     if sources & {"training", "batch", "tests", "benchmarks"}:
         problems.append(f"the Bento ships training, batch, tests or benchmarks: {sorted(sources)}")
+    ort = src / "api" / "ui" / "ort"
+    if missing := [name for name in VENDOR_FILES if not (ort / name).is_file()]:
+        problems.append(f"the Bento lacks onnxruntime-web (bash .ci/onnxruntime-web): {missing}")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     probe = subprocess.run(
         [sys.executable, "-c", IMPORT_PROBE, str(src)],

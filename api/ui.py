@@ -25,7 +25,8 @@ CONTENT_TYPES = {
     ".mjs": b"text/javascript; charset=utf-8",
     ".wasm": b"application/wasm",
 }
-VENDOR_DIR = UI_DIR / "ort"  # onnxruntime-web's dist files (README.md there: version, refresh)
+VENDOR_DIR = UI_DIR / "ort"  # onnxruntime-web's dist files, fetched by .ci/onnxruntime-web
+VENDOR_FILES = ("ort.wasm.bundle.min.mjs", "ort-wasm-simd-threaded.wasm.gz")  # both, or none
 COMPRESSED = ".gz"  # stored gzipped: sent as is to clients that accept gzip, else inflated
 # Only this origin's scripts, styles and API; no inline script or style, no framing.
 # 'wasm-unsafe-eval' lets this origin's scripts compile WebAssembly (onnxruntime-web), nothing
@@ -56,15 +57,17 @@ def _asset(body: bytes, suffix: str, gzipped: bool = False) -> Asset:
     return Asset(body, CONTENT_TYPES[suffix], etag, gzipped)
 
 
-def _vendor_assets() -> dict[str, Asset]:
-    """onnxruntime-web's files, by path; `x.wasm.gz` is served as `x.wasm`."""
+def _vendor_assets(folder: Path) -> dict[str, Asset]:
+    """onnxruntime-web's files, by path (`x.wasm.gz` is served as `x.wasm`); none unless all of
+    VENDOR_FILES are there (a machine without npm at setup: the page scores on the server only)."""
+    if not all((folder / name).is_file() for name in VENDOR_FILES):
+        return {}
     assets = {}
-    for path in sorted(VENDOR_DIR.iterdir()) if VENDOR_DIR.is_dir() else ():
+    for path in (folder / name for name in VENDOR_FILES):
         gzipped = path.suffix == COMPRESSED
         served = path.with_suffix("") if gzipped else path
-        if served.suffix in CONTENT_TYPES:
-            url = f"{PREFIX}/{VENDOR_DIR.name}/{served.name}"
-            assets[url] = _asset(path.read_bytes(), served.suffix, gzipped)
+        url = f"{PREFIX}/{VENDOR_DIR.name}/{served.name}"
+        assets[url] = _asset(path.read_bytes(), served.suffix, gzipped)
     return assets
 
 
@@ -76,10 +79,18 @@ def _accepts_gzip(scope: Scope) -> bool:
 
 class WebPage:
     """ASGI middleware: GET `/ui` (the page), `/ui/<file>` (its script and style) and
-    `/ui/examples.json` (the use case's key and example rows, the form's presets). The page
-    builds itself from `/docs.json` and calls the /v1 API like any other client."""
+    `/ui/examples.json` (the use case's key and example rows, the form's presets, and whether
+    onnxruntime-web is here for "Score in this browser"). The page builds itself from
+    `/docs.json` and calls the /v1 API like any other client."""
 
-    def __init__(self, app: ASGIApp, *, key: str | None, examples: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        key: str | None,
+        examples: list[dict[str, Any]],
+        vendor_dir: Path = VENDOR_DIR,
+    ) -> None:
         self.app = app
         self.assets = {
             f"{PREFIX}/{path.name}": _asset(path.read_bytes(), path.suffix)
@@ -87,10 +98,11 @@ class WebPage:
             if path.suffix in CONTENT_TYPES
         }
         self.assets[PREFIX] = self.assets[f"{PREFIX}/"] = self.assets[f"{PREFIX}/index.html"]
-        self.assets.update(_vendor_assets())
+        vendor = _vendor_assets(vendor_dir)
+        self.assets.update(vendor)
         self.inflated: dict[str, bytes] = {}  # gzipped assets for clients without gzip
-        presets = json.dumps({"key": key, "examples": examples}).encode()
-        self.assets[f"{PREFIX}/examples.json"] = _asset(presets, ".json")
+        presets = {"key": key, "examples": examples, "browser_scoring": bool(vendor)}
+        self.assets[f"{PREFIX}/examples.json"] = _asset(json.dumps(presets).encode(), ".json")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         asset = self.assets.get(scope["path"]) if scope["type"] == "http" else None

@@ -270,6 +270,7 @@ function buildForm(presets) {
     box.append(button);
   });
   box.hidden = presets.examples.length === 0;
+  $("score-local").hidden = !presets.browser_scoring;  // onnxruntime-web not fetched at setup
   $("row-form").addEventListener("submit", scoreRow);
   $("clear").addEventListener("click", () => {
     clearErrors();
@@ -279,8 +280,8 @@ function buildForm(presets) {
 
 // ---- Score in this browser: the served model's ONNX graph in onnxruntime-web -------------
 // onnxruntime-web 1.31.1 from the npm registry: dist/ort.wasm.bundle.min.mjs and
-// dist/ort-wasm-simd-threaded.wasm (gzipped) in api/ui/ort/, loaded only when asked for;
-// api/ui/ort/README.md says how to refresh them. The graph's inputs are in docs/onnx.md.
+// dist/ort-wasm-simd-threaded.wasm (gzipped) in api/ui/ort/, fetched by .ci/onnxruntime-web at
+// setup and loaded only when asked for. The graph's inputs are in docs/onnx.md.
 const ORT_DIR = "/ui/ort/";
 const ORT_SCRIPT = `${ORT_DIR}ort.wasm.bundle.min.mjs`;
 const local = { ort: null, session: null, sha256: null, name: null, version: null, bytes: 0 };
