@@ -131,12 +131,14 @@ def serving(
     port: int | None = None,
     timeout_s: float = READY_TIMEOUT_S,
     poll_s: float = POLL_S,
+    cwd: Path = PROJECT,
 ) -> Iterator[Server]:
     """A ready `bentoml serve` of the service on `port` (default: a free one) with `env` added
-    to this environment, its output in `log`. Stopped afterwards with SIGINT if still running
-    (at once: no drain); whatever is left of it then, its workers included, is SIGKILLed."""
+    to this environment, its output in `log` (`cwd`: another checkout of the project to serve).
+    Stopped afterwards with SIGINT if still running (at once: no drain); whatever is left of it
+    then, its workers included, is SIGKILLed."""
     port = port or free_port()
-    process = start_process(serve_command(port), log, env)
+    process = start_process(serve_command(port), log, env, cwd=cwd)
     workers: list[psutil.Process] = []
     try:
         base = f"http://{HOST}:{port}"
