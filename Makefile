@@ -49,9 +49,9 @@ image-run: ## Run IMAGE (default: the image of $(BENTO)) on http://127.0.0.1:$(P
 	eval "$$(bash packaging/image.sh env)" && $$CONTAINER_CLI run --rm -p 127.0.0.1:$(PORT):3000 \
 		$(or $(IMAGE),$$($(BIN)/python -c 'import bentoml; print(bentoml.bentos.get("$(BENTO)").tag)'))
 
-bench: setup ## Benchmark a real `bentoml serve` against the in-process limit and a naive FastAPI baseline
+bench: setup ## Benchmark `bentoml serve` (as shipped and lean) beside plain FastAPI and MLServer (docs/performance.md)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || sudo apt-get install -y wrk
-	$(BIN)/python -m benchmarks --repeat $(or $(REPEAT),1)
+	$(BIN)/python -m benchmarks --sweeps $(or $(SWEEPS),2)
 
 cluster: setup ## 2 replicas of the imported models behind HAProxy + Prometheus on PostgreSQL (docs/scale-out.md)
 	command -v haproxy >/dev/null && command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq haproxy prometheus) || sudo apt-get install -y haproxy prometheus

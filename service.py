@@ -167,6 +167,7 @@ class Scoring:
     async def stop_background_work(self) -> None:
         await self.background.stop()
         self.tasks.close()
+        self.prediction_log.close()  # the lines still queued are written
 
     @bentoml.on_deployment
     @staticmethod

@@ -25,6 +25,7 @@ class Scored:
     arms: list[Arm]
     probabilities: np.ndarray
     shadow: np.ndarray | None = None
+    inputs: np.ndarray | None = None  # the rows' model-feature values (UseCase.matrix)
 
 
 def predictions(

@@ -24,6 +24,19 @@ LOG = logging.getLogger(__name__)
 DRIFT_BATCH_ROWS = 256  # rows buffered before they are binned into the drift window
 
 
+def _rows_by_arm(arms: list[Arm]) -> list[tuple[Arm, Any]]:
+    """(arm, index of its rows) for each arm of a request; one slice when there is one arm."""
+    first = arms[0]
+    if all(arm is first for arm in arms):
+        return [(first, slice(None))]
+    rows: dict[int, list[int]] = {}
+    by_id = {}
+    for i, arm in enumerate(arms):
+        rows.setdefault(id(arm), []).append(i)
+        by_id[id(arm)] = arm
+    return [(by_id[key], np.array(index)) for key, index in rows.items()]
+
+
 class Monitor:
     """`observe` each request's answers; `follow` a new routing; `drift_report` for /v1/drift.
     Fallbacks are counted whatever `settings.monitoring`; the rest only with it."""
@@ -62,10 +75,10 @@ class Monitor:
     # ---- counters and histograms -------------------------------------------------------------
     def _count_fallbacks(self, scored: Scored) -> None:
         """`scoring_fallbacks_total`, counted with or without the other per-row metrics."""
+        reasons = scored.decisions.reasons
         fallen: Counter[tuple[str, ...]] = Counter(
-            (reason, arm.name, arm.model_version)
-            for arm, reason in zip(scored.arms, scored.decisions.reasons.tolist(), strict=True)
-            if reason is not None
+            (reasons[i], scored.arms[i].name, scored.arms[i].model_version)
+            for i in np.flatnonzero(reasons != None).tolist()  # noqa: E711
         )
         for labels, count in fallen.items():
             self._child(metrics.fallbacks(), labels).inc(count)
@@ -78,30 +91,24 @@ class Monitor:
                 self._child(metrics.fallbacks(), (reason, arm.name, arm.model_version))
 
     def _observe(self, scored: Scored) -> None:
-        """Per-row metrics: predictions summed per label set first, histogram children cached
-        (a `.labels()` lookup per row cost as much as the observation)."""
+        """Per-row metrics, a request at a time: rows grouped by arm, predictions counted per
+        (label, source) with numpy, histograms fed whole arrays (metrics.observe_many)."""
         classes = self.use_case.target.classes
         decisions = scored.decisions
-        counted: Counter[tuple[str, ...]] = Counter()
-        for arm, label, reason, score, confidence in zip(
-            scored.arms,
-            decisions.labels.tolist(),
-            decisions.reasons.tolist(),
-            decisions.scores.tolist(),
-            decisions.confidence.tolist(),
-            strict=True,
-        ):
-            source = "model" if reason is None else "fallback"
-            counted[
-                arm.name, arm.model_version, "none" if label < 0 else classes[label], source
-            ] += 1
-            histograms = self._histograms(arm)
-            if confidence == confidence:  # the model answered (NaN otherwise)
-                histograms[1].observe(confidence)
-            if reason is None:
-                histograms[0].observe(score)
-        for labels, count in counted.items():
-            self._child(metrics.predictions(), labels).inc(count)
+        for arm, index in _rows_by_arm(scored.arms):
+            labels = decisions.labels[index]
+            answered = decisions.reasons[index] == None  # noqa: E711 (the model answered)
+            # one code per (label or none, source): (label + 1) * 2 + is-fallback
+            codes, counts = np.unique((labels + 1) * 2 + ~answered, return_counts=True)
+            for code, count in zip(codes.tolist(), counts.tolist(), strict=True):
+                label = "none" if code < 2 else classes[code // 2 - 1]
+                source = "fallback" if code % 2 else "model"
+                self._child(
+                    metrics.predictions(), (arm.name, arm.model_version, label, source)
+                ).inc(count)
+            scores, confidences = self._histograms(arm)
+            metrics.observe_many(confidences, decisions.confidence[index])  # NaN: no answer
+            metrics.observe_many(scores, decisions.scores[index][answered])
 
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         key = (metric, labels)
@@ -160,9 +167,9 @@ class Monitor:
         champion = scored.routing.champion
         mine = np.array([arm is champion for arm in scored.arms]) & ~np.isnan(scores)
         if mine.any():
-            chosen = [row for row, keep in zip(rows, mine.tolist(), strict=True) if keep]
-            self.drift_pending.append((self.use_case.matrix(chosen), scores[mine]))
-            self.drift_pending_rows += len(chosen)
+            inputs = scored.inputs if scored.inputs is not None else self.use_case.matrix(rows)
+            self.drift_pending.append((inputs[mine], scores[mine]))
+            self.drift_pending_rows += int(mine.sum())
             if self.drift_pending_rows >= DRIFT_BATCH_ROWS:
                 self._flush_drift()
 

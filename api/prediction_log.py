@@ -1,25 +1,84 @@
 """The prediction log: one JSON line per sampled request with its inputs, outputs, model version
 (and its training data's digest), arm, latency and fallback reasons, with the use case's personal
 data (`pii: true` fields) dropped or replaced by a keyed hash before the line is built: no sink
-ever sees it."""
+ever sees it. The request builds its line (one pass: its answers' own dicts, serialised in Rust)
+and appends it to a bounded buffer; a thread writes what has gathered every
+`prediction_log_flush_ms`, in one write, so a slow sink never holds a request up and the thread
+takes the interpreter lock a few times a second, not once per line (a writer woken per line cost
+the API worker more than the lines themselves). A full buffer drops the line and counts it
+(`scoring_prediction_log_dropped_total`); what is buffered is written when the worker exits."""
 
 from __future__ import annotations
 
+import atexit
+import collections
 import functools
 import hashlib
 import hmac
-import logging
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from pydantic_core import to_json
 
+from api import metrics
 from configuration import Settings, UseCase
 
-LOGGER = "scoring.predictions"
+# what a row of a line holds: its input, then these of its answer (a `Prediction` dict)
+ENTRY: dict[str, Any] = {
+    "input": True,
+    "label": True,
+    "score": True,
+    "confidence": True,
+    "source": True,
+    "fallback_reason": True,
+    "arm": True,
+    "model_version": True,
+    "data_sha256": True,
+}
+LINE: dict[str, Any] = {"ts": True, "route": True, "latency_ms": True, "rows": {"__all__": ENTRY}}
+
+
+class _Writer:
+    """Lines appended by requests, written by a daemon thread every `interval_s` in one write.
+    At most `capacity` lines wait; beyond, `add` drops the line and counts it."""
+
+    def __init__(self, sink: IO[str], capacity: int, interval_s: float) -> None:
+        self.sink, self.capacity, self.interval_s = sink, capacity, interval_s
+        self.lines: collections.deque[str] = collections.deque()
+        self.lock = threading.Lock()  # one writer at a time: the thread, `flush` or `close`
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self.thread.start()
+
+    def add(self, line: str) -> None:
+        if len(self.lines) >= self.capacity:
+            metrics.prediction_log_dropped().inc()
+        else:
+            self.lines.append(line)  # deque.append: atomic, no lock on the request's side
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.interval_s):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every line gathered so far."""
+        with self.lock:
+            lines = self.lines
+            taken = [lines.popleft() for _ in range(len(lines))]
+            if taken:
+                self.sink.write("\n".join(taken) + "\n")
+                self.sink.flush()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        self.flush()
+        if self.sink is not sys.stdout:
+            self.sink.close()
 
 
 class PredictionLog:
@@ -41,14 +100,24 @@ class PredictionLog:
                     "SCORING_PREDICTION_LOG_PII=hash needs SCORING_PREDICTION_LOG_HASH_KEY"
                 )
             self.hash_key = settings.prediction_log_hash_key.get_secret_value().encode()
-        self.logger = logging.getLogger(LOGGER)
-        self.logger.propagate = False  # only our handler: never BentoML's or the root's
-        self.logger.setLevel(logging.INFO)
-        if not self.logger.handlers and self.sample > 0:
+        self.writer: _Writer | None = None
+        if self.sample > 0:
             path = settings.prediction_log_path
-            handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stdout)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            self.logger.addHandler(handler)
+            sink = path.open("a", encoding="utf-8") if path else sys.stdout
+            interval_s = settings.prediction_log_flush_ms / 1000
+            self.writer = _Writer(sink, settings.prediction_log_queue, interval_s)
+            atexit.register(self.close)  # the lines still buffered are written before exit
+
+    def flush(self) -> None:
+        """Write every line recorded so far."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Write what is buffered, then stop the writer thread."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.close()
 
     def redact(self, row: dict[str, Any]) -> dict[str, Any]:
         """The row as it may be logged: personal data dropped, or hashed with the key."""
@@ -70,25 +139,33 @@ class PredictionLog:
         started: float,
     ) -> None:
         """Log one request (if sampled): `rows` as validated, `answers` their predictions."""
-        if self.sample <= 0 or (self.sample < 1 and random.random() >= self.sample):
+        writer = self.writer
+        if writer is None or (self.sample < 1 and random.random() >= self.sample):
             return
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        writer.add(self.line(route, rows, answers, latency_ms))
+
+    def line(
+        self,
+        route: str,
+        rows: list[dict[str, Any]],
+        answers: list[dict[str, Any]],
+        latency_ms: float,
+    ) -> str:
+        """The JSON line of a request, its personal data dropped or hashed: per row the input,
+        then the fields of ENTRY from its answer (copied whole, then picked while serialising)."""
+        digest = self.data_digest
         line = {
             "ts": time.time(),
             "route": route,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "latency_ms": latency_ms,
             "rows": [
                 {
+                    **answer,
                     "input": self.redact(row),
-                    "label": answer["label"],
-                    "score": answer["score"],
-                    "confidence": answer["confidence"],
-                    "source": answer["source"],
-                    "fallback_reason": answer["fallback_reason"],
-                    "arm": answer["arm"],
-                    "model_version": answer["model_version"],
-                    "data_sha256": self.data_digest(answer["model_version"]),
+                    "data_sha256": digest(answer["model_version"]),
                 }
                 for row, answer in zip(rows, answers, strict=True)
             ],
         }
-        self.logger.info(to_json(line, fallback=str).decode())
+        return to_json(line, include=LINE, fallback=str).decode()

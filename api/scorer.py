@@ -25,6 +25,7 @@ from configuration.policy import FallbackReason, decide
 LOG = logging.getLogger(__name__)
 NOT_READY_ERRORS = (ServiceUnavailable, httpx.TransportError, OSError)
 Row = dict[str, Any]
+Pair = tuple[np.ndarray, Arm]  # a row's model-feature values (UseCase.matrix) and its arm
 
 
 @dataclass(frozen=True)
@@ -58,24 +59,29 @@ class Scorer:
         return self.settings.inference_deadline_ms / 1000
 
     # ---- runner calls ------------------------------------------------------------------------
-    async def _run_runners(self, pairs: list[tuple[Row, Arm]]) -> np.ndarray:
-        """Probabilities (n x k) for a coalesced batch of (row, arm), each row by its arm's
+    def _pairs(self, rows: list[Row], arms: list[Arm]) -> tuple[np.ndarray, list[Pair]]:
+        """The rows' model-feature values (built once per request: the runners and the drift
+        window both use them) and the (values, arm) pairs the coalescer batches."""
+        matrix = self.use_case.matrix(rows)
+        return matrix, list(zip(matrix, arms, strict=True))
+
+    async def _run_runners(self, pairs: list[Pair]) -> np.ndarray:
+        """Probabilities (n x k) for a coalesced batch of (values, arm), each row by its arm's
         versions; a row a runner failed on stays NaN (never guessed) and is not sent on to the
         model."""
-        rows = [row for row, _ in pairs]
-        raw = np.empty((len(rows), len(self.use_case.model_feature_names) + 1), dtype=object)
+        raw = np.empty((len(pairs), len(self.use_case.model_feature_names) + 1), dtype=object)
         raw[:, 0] = [arm.preprocessor_version for _, arm in pairs]
-        raw[:, 1:] = self.use_case.matrix(rows)
+        raw[:, 1:] = np.stack([values for values, _ in pairs])
         features = await self.runners.transform(raw)
         ok = ~np.isnan(features).any(axis=1)
-        probabilities = np.full((len(rows), len(self.use_case.target.classes)), np.nan)
+        probabilities = np.full((len(pairs), len(self.use_case.target.classes)), np.nan)
         if ok.any():
             versions = np.array([float(arm.model_version) for _, arm in pairs])
             model_input = np.column_stack([versions, features])[ok]
             probabilities[ok] = await self.runners.predict_proba(model_input)
         return probabilities
 
-    async def _probabilities(self, pairs: list[tuple[Row, Arm]]) -> tuple[np.ndarray, Any]:
+    async def _probabilities(self, pairs: list[Pair]) -> tuple[np.ndarray, Any]:
         """(probabilities, failure reason or None) within the inference deadline."""
         try:
             return await asyncio.wait_for(self.coalesce(pairs), self.deadline_s), None
@@ -98,16 +104,16 @@ class Scorer:
         key = self.use_case.key
         arms = routing.assign([row.get(key) if key else None for row in rows])
         shadow_arm = routing.challenger if routing.mode == "shadow" else None
-        pairs = list(zip(rows, arms, strict=True))
+        matrix, pairs = self._pairs(rows, arms)
         if shadow_arm is not None:
-            pairs += [(row, shadow_arm) for row in rows]
+            pairs += [(values, shadow_arm) for values in matrix]
         probabilities, failed = await self._probabilities(pairs)
         n = len(rows)
         decisions = decide(
             self.use_case, probabilities[:n], lambda index: [rows[i] for i in index], failed
         )
         shadow = probabilities[n:] if shadow_arm is not None and failed is None else None
-        scored = Scored(decisions, routing, arms, probabilities[:n], shadow)
+        scored = Scored(decisions, routing, arms, probabilities[:n], shadow, matrix)
         self.monitor.observe(rows, scored)
         return scored
 
@@ -138,7 +144,12 @@ class Scorer:
     async def warm(self, routing: Routing) -> str | None:
         """Score the use case's examples with every arm of `routing` through the runners (the
         deadline does not apply); None when the model answered them all, else the problem."""
-        pairs = [(example, arm) for arm in routing.arms() for example in self.examples or [{}]]
+        examples = self.examples or [{}]
+        pairs = [
+            pair
+            for arm in routing.arms()
+            for pair in self._pairs(examples, [arm] * len(examples))[1]
+        ]
         try:
             probabilities = await self.coalesce(pairs)
         except Exception as exc:  # runners still starting, or broken

@@ -21,7 +21,15 @@ SCORE = "__score__"
 
 
 def _numbers(values: Sequence[Any] | np.ndarray) -> np.ndarray:
-    return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    """float64 of each value (bool, int, float), NaN for None; numpy converts the present ones
+    in one call (float() of each, as a loop would)."""
+    array = np.asarray(values, dtype=object) if not isinstance(values, np.ndarray) else values
+    if array.dtype != object:
+        return array.astype(np.float64)
+    missing = array == None  # noqa: E711
+    numbers = np.full(len(array), np.nan)
+    numbers[~missing] = array[~missing].astype(np.float64)
+    return numbers
 
 
 def bin_values(reference: dict[str, Any], values: Sequence[Any] | np.ndarray) -> np.ndarray:

@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     prediction_log_sample: float = Field(
         1.0, ge=0, le=1, description="Share of requests written to the prediction log (0: off)."
     )
+    prediction_log_queue: PositiveInt = Field(
+        10_000,
+        description="Prediction log lines (requests) waiting to be written at most; "
+        "beyond, lines are dropped and counted in scoring_prediction_log_dropped_total.",
+    )
+    prediction_log_flush_ms: PositiveInt = Field(
+        100, description="How often the prediction log's thread writes the lines gathered."
+    )
     prediction_log_path: Path | None = Field(
         None, description="File of the prediction log (JSON lines); stdout when unset."
     )

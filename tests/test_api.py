@@ -273,11 +273,13 @@ def test_the_scikit_learn_model_serves_when_configured(demo_models, churn):
         "from starlette.testclient import TestClient\n"
         "with TestClient(service.Scoring.to_asgi()) as client:\n"
         "    r = client.post('/v1/predict', json={'instance': service.USE_CASE.examples[0]})\n"
-        "    print(r.status_code, json.dumps(r.json()))\n"
+        "    print('answer', r.status_code, json.dumps(r.json()))\n"
     )
     result = run_python("-c", script, env={"SCORING_MODEL_FLAVOR": "sklearn"}, timeout_s=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    status, body = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    # stdout also holds the prediction log's line, written by its thread
+    (printed,) = [line for line in result.stdout.splitlines() if line.startswith("answer ")]
+    status, body = printed.removeprefix("answer ").split(" ", 1)
     answer = json.loads(body)
     assert status == "200"
     assert answer["model"]["name"] == "churn-sklearn"

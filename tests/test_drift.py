@@ -145,3 +145,21 @@ def test_every_fallback_reason_is_exported_at_zero_from_the_start(local_scorer, 
         if s.name == "scoring_fallbacks_total" and s.labels["arm"] == "champion"
     }
     assert totals == dict.fromkeys(get_args(FallbackReason), 0.0)
+
+
+def test_numbers_are_converted_as_float_of_each_value_would():
+    """drift._numbers (one numpy conversion) against float() of each value, None as NaN, on
+    mixed bools, ints, floats, numpy scalars and missing values, as lists and object arrays."""
+    from configuration.drift import _numbers
+
+    rng = np.random.default_rng(5)
+    pool = [None, True, False, 0, 7, -3, 2.5, float("nan"), np.float32(1.25), np.int64(9), 1e300]
+    for _ in range(200):
+        values = [pool[i] for i in rng.integers(0, len(pool), rng.integers(0, 60))]
+        expected = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+        for given in (values, np.array(values, dtype=object)):
+            got = _numbers(given)
+            assert got.dtype == np.float64 and got.shape == expected.shape
+            np.testing.assert_array_equal(got, expected)  # NaN == NaN here
+    scores = rng.random(50)
+    np.testing.assert_array_equal(_numbers(scores), scores)

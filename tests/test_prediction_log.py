@@ -24,6 +24,78 @@ def keyed(value: str) -> str:
     return "hmac-sha256:" + hmac.new(KEY.encode(), value.encode(), hashlib.sha256).hexdigest()
 
 
+@pytest.fixture
+def log_file(tmp_path):
+    return tmp_path / "predictions.jsonl"
+
+
+def answer(i: int) -> dict:
+    return {
+        "label": "churned",
+        "score": i / 100,
+        "confidence": 0.9,
+        "source": "model",
+        "fallback_reason": None,
+        "arm": "champion",
+        "model_version": "1",
+    }
+
+
+def test_lines_are_written_by_a_thread_in_order_and_all_before_close(churn, log_file):
+    settings = get_settings().model_copy(update={"prediction_log_path": log_file})
+    log = PredictionLog(settings, churn, lambda version: f"digest-of-{version}")
+    requests = 500
+    for i in range(requests):
+        row = {**churn.examples[0], "customer_id": f"C-{i}"}
+        log.record("predict", [row], [answer(i)], time.perf_counter())
+    log.close()  # what was queued is written
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [line["rows"][0]["input"]["customer_id"] for line in lines] == [
+        f"C-{i}" for i in range(requests)
+    ]
+    entry = lines[-1]["rows"][0]
+    assert "email" not in entry["input"] and entry["score"] == (requests - 1) / 100
+    assert entry["data_sha256"] == "digest-of-1" and lines[-1]["route"] == "predict"
+
+
+def test_a_full_buffer_drops_lines_and_counts_them_without_blocking(churn, log_file):
+    """The writer is held (its lock taken, as a slow sink would hold it): the buffer (3 lines)
+    fills, the next requests return at once, their lines dropped and counted; the buffered
+    ones are written after."""
+    from prometheus_client import REGISTRY
+
+    dropped_total = "scoring_prediction_log_dropped_total"
+    before = REGISTRY.get_sample_value(dropped_total) or 0.0
+    settings = get_settings().model_copy(
+        update={"prediction_log_path": log_file, "prediction_log_queue": 3}
+    )
+    log = PredictionLog(settings, churn)
+    assert log.writer is not None
+    row = dict(churn.examples[0])
+    with log.writer.lock:
+        for i in range(10):
+            log.record("predict", [row], [answer(i)], time.perf_counter())
+        assert (REGISTRY.get_sample_value(dropped_total) or 0.0) - before == 7
+        assert not log_file.exists() or log_file.read_text() == ""
+    log.flush()
+    scores = [json.loads(line)["rows"][0]["score"] for line in log_file.read_text().splitlines()]
+    assert scores == [0.0, 0.01, 0.02]
+    log.close()
+
+
+def test_the_thread_writes_without_being_asked(churn, log_file):
+    settings = get_settings().model_copy(
+        update={"prediction_log_path": log_file, "prediction_log_flush_ms": 20}
+    )
+    log = PredictionLog(settings, churn)
+    log.record("predict", [dict(churn.examples[0])], [answer(5)], time.perf_counter())
+    deadline = time.monotonic() + 10
+    while not log_file.read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert json.loads(log_file.read_text())["rows"][0]["score"] == 0.05
+    log.close()
+
+
 def test_personal_data_is_dropped_or_hashed_before_logging(churn):
     row = dict(churn.examples[0])
     dropped = PredictionLog(get_settings(), churn).redact(row)
