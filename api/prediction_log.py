@@ -100,6 +100,9 @@ class PredictionLog:
                     "SCORING_PREDICTION_LOG_PII=hash needs SCORING_PREDICTION_LOG_HASH_KEY"
                 )
             self.hash_key = settings.prediction_log_hash_key.get_secret_value().encode()
+        # personal fields the serialiser leaves out of every input (hashed ones are replaced)
+        dropped = self.pii if self.hash_key is None else set()
+        self.excluded: dict[str, Any] = {"rows": {"__all__": {"input": dropped}}}
         self.writer: _Writer | None = None
         if self.sample > 0:
             path = settings.prediction_log_path
@@ -153,19 +156,17 @@ class PredictionLog:
         latency_ms: float,
     ) -> str:
         """The JSON line of a request, its personal data dropped or hashed: per row the input,
-        then the fields of ENTRY from its answer (copied whole, then picked while serialising)."""
+        then the fields of ENTRY from its answer (copied whole, then picked while serialising).
+        Dropped personal fields are left out by the serialiser (`exclude`), not row by row."""
         digest = self.data_digest
+        inputs = rows if self.hash_key is None else [self.redact(row) for row in rows]
         line = {
             "ts": time.time(),
             "route": route,
             "latency_ms": latency_ms,
             "rows": [
-                {
-                    **answer,
-                    "input": self.redact(row),
-                    "data_sha256": digest(answer["model_version"]),
-                }
-                for row, answer in zip(rows, answers, strict=True)
+                {**answer, "input": row, "data_sha256": digest(answer["model_version"])}
+                for row, answer in zip(inputs, answers, strict=True)
             ],
         }
-        return to_json(line, include=LINE, fallback=str).decode()
+        return to_json(line, include=LINE, exclude=self.excluded, fallback=str).decode()

@@ -32,12 +32,15 @@ def _numbers(values: Sequence[Any] | np.ndarray) -> np.ndarray:
     return numbers
 
 
+def _bin_numbers(reference: dict[str, Any], numbers: np.ndarray) -> np.ndarray:
+    bins = np.searchsorted(np.asarray(reference["edges"]), numbers, side="right")
+    return np.where(np.isnan(numbers), len(reference["edges"]) + 1, bins)
+
+
 def bin_values(reference: dict[str, Any], values: Sequence[Any] | np.ndarray) -> np.ndarray:
     """The bin of each value (the last bin: missing)."""
     if "edges" in reference:
-        numbers = _numbers(values)
-        bins = np.searchsorted(np.asarray(reference["edges"]), numbers, side="right")
-        return np.where(np.isnan(numbers), len(reference["edges"]) + 1, bins)
+        return _bin_numbers(reference, _numbers(values))
     index = {c: i for i, c in enumerate(reference["categories"])}
     missing = len(reference["categories"])
     return np.array([index.get(v, missing) if v is not None else missing for v in values])
@@ -95,6 +98,9 @@ class DriftWindow:
         self.names = [*use_case.model_feature_names, SCORE]
         self.references = [reference["features"][n] for n in use_case.model_feature_names]
         self.references.append(score)
+        features = range(len(self.references) - 1)
+        self.numeric = [j for j in features if "edges" in self.references[j]]
+        self.categorical = [j for j in features if "edges" not in self.references[j]]
         widths = [len(r["proportions"]) for r in self.references]
         self.counts = np.zeros((len(self.names), max(widths)), dtype=np.int64)
         self.bins = np.zeros((size, len(self.names)), dtype=np.int64)
@@ -110,8 +116,12 @@ class DriftWindow:
         if n > self.size:
             matrix, scores, n = matrix[-self.size :], scores[-self.size :], self.size
         new = np.empty((n, len(self.names)), dtype=np.int64)
-        for j, reference in enumerate(self.references[:-1]):
-            new[:, j] = bin_values(reference, matrix[:, j])
+        if self.numeric:  # the numeric columns converted in one call, not one per column
+            numbers = _numbers(matrix[:, self.numeric].ravel()).reshape(n, len(self.numeric))
+            for k, j in enumerate(self.numeric):
+                new[:, j] = _bin_numbers(self.references[j], numbers[:, k])
+        for j in self.categorical:
+            new[:, j] = bin_values(self.references[j], matrix[:, j])
         new[:, -1] = bin_values(self.references[-1], scores)
         positions = self.rows + np.arange(n)
         slots = positions % self.size

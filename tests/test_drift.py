@@ -163,3 +163,32 @@ def test_numbers_are_converted_as_float_of_each_value_would():
             np.testing.assert_array_equal(got, expected)  # NaN == NaN here
     scores = rng.random(50)
     np.testing.assert_array_equal(_numbers(scores), scores)
+
+
+def test_the_window_bins_each_column_as_bin_values_does(churn):
+    """DriftWindow.observe (numeric columns converted together) against bin_values column by
+    column, on random rows of the use case with missing values and unknown categories."""
+    from configuration.drift import bin_values, feature_reference
+    from training.encoder_compiler import random_rows
+
+    reference_rows = churn.matrix(random_rows(churn, 2000, seed=1))
+    reference = {
+        "features": {
+            spec.name: feature_reference(spec, reference_rows[:, j].tolist())
+            for j, spec in enumerate(churn.model_features)
+        }
+    }
+    score = numeric_reference(np.linspace(0, 1, 100))
+    window = DriftWindow(churn, reference, score, size=10_000)
+    rows = random_rows(churn, 3000, seed=2)
+    for row in rows[::7]:
+        row["region"] = "atlantis"  # not a category of the reference: the missing bin
+    matrix, scores = churn.matrix(rows), np.random.default_rng(3).random(3000)
+    for chunk in range(0, 3000, 256):
+        window.observe(matrix[chunk : chunk + 256], scores[chunk : chunk + 256])
+    for j, spec in enumerate(churn.model_features):
+        bins = bin_values(reference["features"][spec.name], matrix[:, j])
+        expected = np.bincount(bins, minlength=window.counts.shape[1])
+        np.testing.assert_array_equal(window.counts[j], expected, err_msg=spec.name)
+    expected = np.bincount(bin_values(score, scores), minlength=window.counts.shape[1])
+    np.testing.assert_array_equal(window.counts[-1], expected)

@@ -96,6 +96,31 @@ def test_the_thread_writes_without_being_asked(churn, log_file):
     log.close()
 
 
+def test_a_line_holds_no_personal_data_dropped_or_hashed(churn):
+    row = {**churn.examples[0], "email": "someone@example.com"}
+    rows, answers = [row, {**row, "email": None}], [answer(1), answer(2)]
+    dropped = PredictionLog(get_settings().model_copy(update={"prediction_log_sample": 0}), churn)
+    line = dropped.line("predict_batch", rows, answers, 1.0)
+    assert "someone@example.com" not in line and "email" not in line
+    entries = json.loads(line)["rows"]
+    assert [e["input"]["customer_id"] for e in entries] == [row["customer_id"]] * 2
+    assert set(entries[0]) == {
+        "input", "label", "score", "confidence", "source", "fallback_reason", "arm",
+        "model_version", "data_sha256",
+    }  # fmt: skip
+    settings = get_settings().model_copy(
+        update={
+            "prediction_log_sample": 0,
+            "prediction_log_pii": "hash",
+            "prediction_log_hash_key": SecretStr(KEY),
+        }
+    )
+    hashed = json.loads(PredictionLog(settings, churn).line("predict", rows, answers, 1.0))
+    assert hashed["rows"][0]["input"]["email"] == keyed("someone@example.com")
+    assert "email" not in hashed["rows"][1]["input"]  # missing stays missing
+    assert row["email"] == "someone@example.com"  # the request's own row is left as it was
+
+
 def test_personal_data_is_dropped_or_hashed_before_logging(churn):
     row = dict(churn.examples[0])
     dropped = PredictionLog(get_settings(), churn).redact(row)
