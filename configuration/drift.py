@@ -126,10 +126,17 @@ class DriftWindow:
         positions = self.rows + np.arange(n)
         slots = positions % self.size
         evicted = self.bins[slots[positions >= self.size]]  # the rows these overwrite
-        np.subtract.at(self.counts, (np.broadcast_to(self.columns, evicted.shape), evicted), 1)
+        self.counts -= self._tally(evicted)
         self.bins[slots] = new
-        np.add.at(self.counts, (np.broadcast_to(self.columns, new.shape), new), 1)
+        self.counts += self._tally(new)
         self.rows += n
+
+    def _tally(self, bins: np.ndarray) -> np.ndarray:
+        """Counts (features x bins) of a block of bins: one bincount over (feature, bin) codes
+        (ufunc.at, the obvious way, is an order of magnitude slower)."""
+        width = self.counts.shape[1]
+        codes = (self.columns * width + bins).ravel()
+        return np.bincount(codes, minlength=self.counts.size).reshape(self.counts.shape)
 
     @property
     def window_rows(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import cached_property, lru_cache
+from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -256,8 +257,17 @@ class UseCase(_Spec):
         names = self.model_feature_names
         out = np.empty((len(rows), len(names)), dtype=object)
         if rows:
-            out[:] = [[row.get(name) for name in names] for row in rows]
+            try:  # validated rows hold every field: one C-level getter per row
+                out[:] = list(map(self._feature_getter, rows))
+            except KeyError:  # rows with fields left out (examples, tests): missing is None
+                out[:] = [[row.get(name) for name in names] for row in rows]
         return out
+
+    @cached_property
+    def _feature_getter(self) -> Any:
+        names = self.model_feature_names
+        getter = itemgetter(*names)
+        return getter if len(names) > 1 else lambda row: (row[names[0]],)
 
     def frame(self, rows: pd.DataFrame | np.ndarray | Sequence[dict[str, Any]]) -> pd.DataFrame:
         """Model-input columns with fixed dtypes: numeric and boolean as float64 (NaN when

@@ -168,3 +168,22 @@ def test_frame_types_columns_identically_for_dicts_and_frames(churn):
     assert frame["region"].isna().tolist() == [False, True]
     again = churn.frame(frame)
     assert again.equals(frame)
+
+
+def test_matrix_takes_each_feature_as_row_get_would(churn):
+    """UseCase.matrix (one itemgetter per row, falling back for rows with fields left out)
+    against row.get of each model feature, None where missing, in order."""
+    from training.encoder_compiler import random_rows
+
+    names = churn.model_feature_names
+    full = [
+        {"customer_id": f"C-{i}", "email": "x@example.com"} | {n: r.get(n) for n in names}
+        for i, r in enumerate(random_rows(churn, 300, seed=4))
+    ]
+    partial = [{k: v for j, (k, v) in enumerate(r.items()) if j % 3} for r in full[:50]]
+    for rows in (full, partial, [*full[:10], {}], [], [{}]):
+        expected = [[row.get(n) for n in names] for row in rows]
+        got = churn.matrix(rows)
+        assert got.shape == (len(rows), len(names)) and got.dtype == object
+        assert got.tolist() == expected
+        assert [type(v) for v in got.ravel()] == [type(e) for row in expected for e in row]
