@@ -65,7 +65,8 @@ def test_nan_is_skipped_and_nothing_is_nothing():
 def test_the_monitor_counts_every_row_as_one_by_one_would():
     """Monitor.observe (grouped by arm, numpy counts, observe_many) against the metrics a loop
     over the rows gives: predictions per (arm, version, label, source), score and confidence
-    histograms, fallbacks by reason; two arms, fallbacks with and without a label, 30 requests."""
+    histograms, fallbacks by reason; two arms, fallbacks with and without a label, 30 requests,
+    a few of them small enough to be measured row by row."""
     from types import SimpleNamespace
 
     from prometheus_client import REGISTRY
@@ -120,8 +121,7 @@ def test_the_monitor_counts_every_row_as_one_by_one_would():
         expected[key] = expected.get(key, 0.0) + amount
 
     before = snapshot()
-    for _ in range(30):
-        n = int(rng.integers(1, 120))
+    for n in [1, 2, 4, 5, *rng.integers(1, 120, 26).tolist()]:  # row by row up to FEW_ROWS
         p1 = rng.random(n)
         probabilities = np.column_stack([1 - p1, p1])
         labels = (p1 >= 0.5).astype(int)
