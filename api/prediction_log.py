@@ -15,6 +15,7 @@ import collections
 import functools
 import hashlib
 import hmac
+import logging
 import random
 import sys
 import threading
@@ -27,6 +28,7 @@ import orjson
 from api import metrics
 from configuration import Settings, UseCase
 
+LOG = logging.getLogger(__name__)
 # fields of an answer (a `Prediction` dict) a line leaves out: the key is in the input already
 NOT_LOGGED = ("key", "probabilities")
 
@@ -58,9 +60,14 @@ class _Writer:
         with self.lock:
             lines = self.lines
             taken = [lines.popleft() for _ in range(len(lines))]
-            if taken:
+            if not taken:
+                return
+            try:
                 self.sink.write("\n".join(taken) + "\n")
                 self.sink.flush()
+            except (OSError, ValueError) as exc:  # a full disk, a closed pipe: counted, not fatal
+                metrics.prediction_log_dropped().inc(len(taken))
+                LOG.warning("prediction log: %d lines not written: %s", len(taken), type(exc))
 
     def close(self) -> None:
         self.stopping.set()

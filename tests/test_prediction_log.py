@@ -83,6 +83,27 @@ def test_a_full_buffer_drops_lines_and_counts_them_without_blocking(churn, log_f
     log.close()
 
 
+def test_a_failing_sink_costs_the_lines_not_the_writer(churn, log_file):
+    from prometheus_client import REGISTRY
+
+    dropped_total = "scoring_prediction_log_dropped_total"
+    before = REGISTRY.get_sample_value(dropped_total) or 0.0
+    log = PredictionLog(get_settings().model_copy(update={"prediction_log_path": log_file}), churn)
+    assert log.writer is not None
+    log.writer.sink.close()  # writes now raise ValueError, as a closed pipe raises OSError
+    row = dict(churn.examples[0])
+    for i in range(3):
+        log.record("predict", [row], [answer(i)], time.perf_counter())
+    log.flush()
+    assert (REGISTRY.get_sample_value(dropped_total) or 0.0) - before == 3
+    log.writer.sink = log_file.open("a", encoding="utf-8")  # the sink is back
+    log.record("predict", [row], [answer(7)], time.perf_counter())
+    log.close()
+    assert [json.loads(line)["rows"][0]["score"] for line in log_file.read_text().splitlines()] == [
+        0.07
+    ]
+
+
 def test_the_thread_writes_without_being_asked(churn, log_file):
     settings = get_settings().model_copy(
         update={"prediction_log_path": log_file, "prediction_log_flush_ms": 20}
