@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-Rows = list[Any]  # the items of a request: (row, arm) pairs for the scorer
+Rows = list[Any]  # the items of a request: (feature values, arm) pairs for the scorer
 
 
 class Coalescer:
