@@ -132,11 +132,11 @@ def webhook_deliveries() -> Counter:
 
 @functools.cache
 def prediction_log_dropped() -> Counter:
-    """Prediction log lines dropped because the writer fell behind by a full queue
-    (`scoring_prediction_log_dropped_total`)."""
+    """Prediction log lines dropped: the buffer of lines waiting to be written was full, or
+    the sink failed (`scoring_prediction_log_dropped_total`)."""
     from prometheus_client import Counter
 
     return Counter(
         "scoring_prediction_log_dropped",
-        "Prediction log lines dropped: the queue to the writer thread was full.",
+        "Prediction log lines dropped: a full buffer of lines to write, or a failing sink.",
     )
