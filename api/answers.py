@@ -17,15 +17,16 @@ from configuration.policy import NO_LABEL, Decisions
 @dataclass(frozen=True)
 class Scored:
     """A request's answers: the decisions, the routing that gave them, the arm of each row,
-    the answering arms' probabilities (NaN where the model did not answer) and, in shadow mode
-    when the runners answered, the challenger's."""
+    the answering arms' probabilities (NaN where the model did not answer), the rows' feature
+    values they were computed from and, in shadow mode when the runners answered, the
+    challenger's."""
 
     decisions: Decisions
     routing: Routing
     arms: list[Arm]
     probabilities: np.ndarray
+    inputs: np.ndarray  # the rows' model-feature values (UseCase.matrix)
     shadow: np.ndarray | None = None
-    inputs: np.ndarray | None = None  # the rows' model-feature values (UseCase.matrix)
 
 
 def predictions(

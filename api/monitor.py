@@ -68,7 +68,7 @@ class Monitor:
         if not self.settings.monitoring:
             return
         if self.drift is not None:
-            self._observe_drift(scored, rows)
+            self._observe_drift(scored)
         self._observe(scored)
         if scored.shadow is not None:
             self._compare(scored, rows)
@@ -185,7 +185,7 @@ class Monitor:
         score = reference["scores"][self.settings.model_flavor]
         return DriftWindow(self.use_case, reference, score, self.settings.drift_window_rows)
 
-    def _observe_drift(self, scored: Scored, rows: list[dict[str, Any]]) -> None:
+    def _observe_drift(self, scored: Scored) -> None:
         """Rows the champion's model answered (whatever the policy then did with the answer),
         with the model's own score, join the drift window."""
         probabilities = scored.probabilities
@@ -193,8 +193,7 @@ class Monitor:
         champion = scored.routing.champion
         mine = np.array([arm is champion for arm in scored.arms]) & ~np.isnan(scores)
         if mine.any():
-            inputs = scored.inputs if scored.inputs is not None else self.use_case.matrix(rows)
-            self.drift_pending.append((inputs[mine], scores[mine]))
+            self.drift_pending.append((scored.inputs[mine], scores[mine]))
             self.drift_pending_rows += int(mine.sum())
             if self.drift_pending_rows >= DRIFT_BATCH_ROWS:
                 self._flush_drift()

@@ -116,11 +116,16 @@ class PredictionLog:
             writer.close()
 
     def redact(self, row: dict[str, Any]) -> dict[str, Any]:
-        """The row as it may be logged: personal data dropped, or hashed with the key."""
+        """The row as it may be logged (a copy): personal data dropped, or hashed with the key."""
+        if self.hash_key is None:  # a copy and a few deletions, in C, not a dict built key by key
+            out = row.copy()
+            for name in self.pii:
+                out.pop(name, None)
+            return out
         out = {}
         for name, value in row.items():
             if name in self.pii:
-                if self.hash_key is None or value is None:
+                if value is None:
                     continue
                 digest = hmac.new(self.hash_key, str(value).encode(), hashlib.sha256)
                 value = f"hmac-sha256:{digest.hexdigest()}"
@@ -149,18 +154,16 @@ class PredictionLog:
         latency_ms: float,
     ) -> str:
         """The JSON line of a request, its personal data dropped or hashed: per row the input,
-        then its answer's fields but NOT_LOGGED and the training data's digest. Copies and
-        deletions (C-level) rather than dicts built key by key; orjson serialises."""
-        digest, pii = self.data_digest, self.pii
+        then its answer's fields but NOT_LOGGED and the training data's digest; orjson
+        serialises."""
+        digest = self.data_digest
         entries = []
         for row, answer in zip(rows, answers, strict=True):
-            if self.hash_key is None:
-                row = row.copy()
-                for name in pii:
-                    row.pop(name, None)
-            else:
-                row = self.redact(row)
-            entry = {**answer, "input": row, "data_sha256": digest(answer["model_version"])}
+            entry = {
+                **answer,
+                "input": self.redact(row),
+                "data_sha256": digest(answer["model_version"]),
+            }
             for name in NOT_LOGGED:
                 entry.pop(name, None)
             entries.append(entry)

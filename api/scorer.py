@@ -113,7 +113,7 @@ class Scorer:
             self.use_case, probabilities[:n], lambda index: [rows[i] for i in index], failed
         )
         shadow = probabilities[n:] if shadow_arm is not None and failed is None else None
-        scored = Scored(decisions, routing, arms, probabilities[:n], shadow, matrix)
+        scored = Scored(decisions, routing, arms, probabilities[:n], matrix, shadow)
         self.monitor.observe(rows, scored)
         return scored
 

@@ -31,6 +31,40 @@ POLL_S = 0.02
 ENV = {"BENTOML_DO_NOT_TRACK": "true"}
 
 
+def stored_model() -> tuple[Any, Any]:
+    """The service's fitted preprocessing (ColumnTransformer) and XGBClassifier, the latest
+    stored versions, hash-checked: what every peer serves."""
+    import bentoml
+    import skops.io
+    import xgboost as xgb
+
+    from configuration import get_settings
+    from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
+
+    settings = get_settings()
+    preprocessor = skops.io.load(
+        verified_file(bentoml.models.get(model_tag(settings, "preprocessor"))),
+        trusted=SKOPS_TRUSTED_TYPES,
+    )
+    model = xgb.XGBClassifier(n_jobs=1)
+    model.load_model(verified_file(bentoml.models.get(model_tag(settings, "xgboost"))))
+    return preprocessor, model
+
+
+@contextmanager
+def _serving(
+    command: list[str], log: Path, env: dict[str, str], port: int, ready: str
+) -> Iterator[tuple[str, int]]:
+    """`command` started, (its base URL, its pid) once GET `ready` answers 200; stopped after."""
+    process = start_process(command, log, env)
+    try:
+        base = f"http://{HOST}:{port}"
+        wait_for_http(base + ready, process, READY_TIMEOUT_S, POLL_S)
+        yield base, process.pid
+    finally:
+        stop(process)
+
+
 @contextmanager
 def plain_fastapi(log: Path) -> Iterator[tuple[str, int]]:
     """benchmarks/plain_fastapi.py under uvicorn (uvloop, httptools, a worker per core), ready;
@@ -41,13 +75,8 @@ def plain_fastapi(log: Path) -> Iterator[tuple[str, int]]:
         *("--host", HOST, "--port", str(port), "--workers", str(PLAIN_WORKERS)),
         *("--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"),
     ]
-    process = start_process(cli_command("uvicorn", *args), log, ENV)
-    try:
-        base = f"http://{HOST}:{port}"
-        wait_for_http(f"{base}/docs", process, READY_TIMEOUT_S, POLL_S)
-        yield base, process.pid
-    finally:
-        stop(process)
+    with _serving(cli_command("uvicorn", *args), log, ENV, port, "/docs") as started:
+        yield started
 
 
 def mlserver_python() -> Path:
@@ -70,22 +99,10 @@ def mlserver_python() -> Path:
 def mlserver_model_folder(folder: Path, http_port: int) -> Path:
     """MLServer's settings and one model: the service's fitted preprocessing and XGBoost model
     (the latest stored versions, hash-checked) as a scikit-learn Pipeline, joblib-pickled."""
-    import bentoml
     import joblib
-    import skops.io
-    import xgboost as xgb
     from sklearn.pipeline import Pipeline
 
-    from configuration import get_settings
-    from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
-
-    settings = get_settings()
-    preprocessor = skops.io.load(
-        verified_file(bentoml.models.get(model_tag(settings, "preprocessor"))),
-        trusted=SKOPS_TRUSTED_TYPES,
-    )
-    model = xgb.XGBClassifier(n_jobs=1)
-    model.load_model(verified_file(bentoml.models.get(model_tag(settings, "xgboost"))))
+    preprocessor, model = stored_model()
     model_folder = folder / MLSERVER_MODEL  # MLServer warns when they differ
     model_folder.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline([("preprocess", preprocessor), ("model", model)])
@@ -114,13 +131,9 @@ def mlserver(folder: Path, log: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     mlserver_model_folder(folder, port)
     command = [str(python.parent / "mlserver"), "start", str(folder)]
-    process = start_process(command, log, {**ENV, "OMP_NUM_THREADS": "1"})
-    try:
-        base = f"http://{HOST}:{port}"
-        wait_for_http(f"{base}/v2/models/{MLSERVER_MODEL}/ready", process, READY_TIMEOUT_S, POLL_S)
-        yield base, process.pid
-    finally:
-        stop(process)
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    with _serving(command, log, env, port, f"/v2/models/{MLSERVER_MODEL}/ready") as started:
+        yield started
 
 
 def mlserver_request(use_case: UseCase, rows: list[dict[str, Any]]) -> dict[str, Any]:

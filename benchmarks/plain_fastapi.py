@@ -9,19 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import bentoml
 import numpy as np
 import pandas as pd
-import skops.io
-import xgboost as xgb
 from fastapi import FastAPI
 from pydantic import BaseModel, create_model
 
-from configuration import current_use_case, get_settings
-from runners.artifacts import SKOPS_TRUSTED_TYPES, model_tag, verified_file
+from benchmarks.peers import stored_model
+from configuration import current_use_case
 
-SETTINGS = get_settings()
-USE_CASE = current_use_case(SETTINGS)
+USE_CASE = current_use_case()
 FEATURES = USE_CASE.model_features
 TYPES = {"numeric": float, "boolean": bool, "categorical": str}
 # categories as object (None -> NaN), numbers and booleans as float64: what the pipeline was fit on
@@ -34,12 +30,7 @@ Row: type[BaseModel] = create_model(  # extra fields (keys, personal data) are i
 One = create_model("One", instance=(Row, ...))
 Batch = create_model("Batch", instances=(list[Row], ...))  # type: ignore[valid-type]
 
-preprocessor = skops.io.load(
-    verified_file(bentoml.models.get(model_tag(SETTINGS, "preprocessor"))),
-    trusted=SKOPS_TRUSTED_TYPES,
-)
-model = xgb.XGBClassifier(n_jobs=1)
-model.load_model(verified_file(bentoml.models.get(model_tag(SETTINGS, "xgboost"))))
+preprocessor, model = stored_model()
 CLASSES = USE_CASE.target.classes
 
 app = FastAPI()

@@ -135,7 +135,9 @@ def test_the_monitor_counts_every_row_as_one_by_one_would():
         probabilities[timeout] = np.nan
         arms = [champion if x < 0.7 else challenger for x in rng.random(n)]
         decisions = Decisions(labels, probabilities, confidence, reasons)
-        monitor.observe([{} for _ in range(n)], Scored(decisions, routing, arms, probabilities))
+        rows = [{} for _ in range(n)]
+        scored = Scored(decisions, routing, arms, probabilities, use_case.matrix(rows))
+        monitor.observe(rows, scored)
         for i in range(n):  # what each row adds
             arm = arms[i]
             at = {"arm": arm.name, "model_version": arm.model_version}
