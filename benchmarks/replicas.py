@@ -13,14 +13,14 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.__main__ import ROWS_PER_BATCH_REQUEST, ensure_demo_model
+from benchmarks.__main__ import BATCH, ensure_demo_model
 from benchmarks.load import LoadResult, run_wrk
 from configuration import current_use_case
 from tests.cluster import cluster, missing_tools
 
 CELLS = [  # (label, rows per request, connections)
     ("1 row, c=32", 1, 32),
-    (f"{ROWS_PER_BATCH_REQUEST} rows, c=8", ROWS_PER_BATCH_REQUEST, 8),
+    (f"{BATCH} rows, c=8", BATCH, 8),
 ]
 
 
