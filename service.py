@@ -3,7 +3,6 @@
 
 import asyncio
 import functools
-import gc
 import logging
 import time
 from typing import Annotated, Any, cast
@@ -156,7 +155,7 @@ class Scoring:
         )
         self.draining = lifecycle.draining
         lifecycle.start_worker(SETTINGS.drain_s)  # in a worker: exit with it, drain on SIGTERM
-        gc.freeze()  # start-up objects are permanent: keep them out of every future collection
+        lifecycle.settle_heap(SETTINGS.gc_young_objects)  # start-up objects stay out of collections
 
     # ---- background work: warm-up (readiness), async tasks, routing set by admin calls -------
     @bentoml.on_startup

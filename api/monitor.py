@@ -21,7 +21,7 @@ from configuration.signing import SignatureError
 from runners.artifacts import verified_file
 
 LOG = logging.getLogger(__name__)
-DRIFT_BATCH_ROWS = 256  # rows buffered before they are binned into the drift window
+DRIFT_BATCH_ROWS = 1024  # rows buffered before they are binned into the drift window
 FEW_ROWS = 4  # requests of up to this many rows are measured row by row (no numpy per call)
 
 
@@ -191,10 +191,15 @@ class Monitor:
         probabilities = scored.probabilities
         scores = probabilities[:, 1] if probabilities.shape[1] == 2 else probabilities.max(axis=1)
         champion = scored.routing.champion
-        mine = np.array([arm is champion for arm in scored.arms]) & ~np.isnan(scores)
-        if mine.any():
-            self.drift_pending.append((scored.inputs[mine], scores[mine]))
-            self.drift_pending_rows += int(mine.sum())
+        answered = ~np.isnan(scores)
+        if all(arm is champion for arm in scored.arms) and answered.all():
+            inputs = scored.inputs  # the usual request: every row, no copy
+        else:
+            mine = np.array([arm is champion for arm in scored.arms]) & answered
+            inputs, scores = scored.inputs[mine], scores[mine]
+        if len(scores):
+            self.drift_pending.append((inputs, scores))
+            self.drift_pending_rows += len(scores)
             if self.drift_pending_rows >= DRIFT_BATCH_ROWS:
                 self._flush_drift()
 

@@ -21,15 +21,10 @@ SCORE = "__score__"
 
 
 def _numbers(values: Sequence[Any] | np.ndarray) -> np.ndarray:
-    """float64 of each value (bool, int, float), NaN for None; numpy converts the present ones
-    in one call (float() of each, as a loop would)."""
+    """float64 of each value (bool, int, float), NaN for None: numpy's cast from object does
+    float() of each value and takes None as NaN, in one call."""
     array = np.asarray(values, dtype=object) if not isinstance(values, np.ndarray) else values
-    if array.dtype != object:
-        return array.astype(np.float64)
-    missing = array == None  # noqa: E711
-    numbers = np.full(len(array), np.nan)
-    numbers[~missing] = array[~missing].astype(np.float64)
-    return numbers
+    return array.astype(np.float64)
 
 
 def _bin_numbers(reference: dict[str, Any], numbers: np.ndarray) -> np.ndarray:
@@ -107,6 +102,17 @@ class DriftWindow:
         self.size = size
         self.rows = 0  # rows seen in all; the window holds min(rows, size)
         self.columns = np.arange(len(self.names))
+        # what binning needs, worked out once: each numeric column's edges and missing bin,
+        # each categorical column's bin by value (None: the missing bin)
+        self.edges = [np.asarray(self.references[j]["edges"], np.float64) for j in self.numeric]
+        self.missing = np.array([len(edges) + 1 for edges in self.edges], dtype=np.int64)
+        self.category_bins = {
+            j: {
+                **{c: i for i, c in enumerate(self.references[j]["categories"])},
+                None: len(self.references[j]["categories"]),
+            }
+            for j in self.categorical
+        }
 
     def observe(self, matrix: np.ndarray, scores: np.ndarray) -> None:
         """`matrix`: model-feature values (n x features, object, as `UseCase.matrix`)."""
@@ -116,12 +122,17 @@ class DriftWindow:
         if n > self.size:
             matrix, scores, n = matrix[-self.size :], scores[-self.size :], self.size
         new = np.empty((n, len(self.names)), dtype=np.int64)
-        if self.numeric:  # the numeric columns converted in one call, not one per column
-            numbers = _numbers(matrix[:, self.numeric].ravel()).reshape(n, len(self.numeric))
-            for k, j in enumerate(self.numeric):
-                new[:, j] = _bin_numbers(self.references[j], numbers[:, k])
-        for j in self.categorical:
-            new[:, j] = bin_values(self.references[j], matrix[:, j])
+        if self.numeric:  # the numeric columns converted in one call, missing ones binned at once
+            numbers = matrix[:, self.numeric].astype(np.float64)  # as _numbers: None is NaN
+            bins = np.empty(numbers.shape, dtype=np.int64)
+            for k, edges in enumerate(self.edges):
+                bins[:, k] = np.searchsorted(edges, numbers[:, k], side="right")
+            new[:, self.numeric] = np.where(np.isnan(numbers), self.missing, bins)
+        for j, index in self.category_bins.items():
+            try:  # validated rows hold a category or None: a dict lookup each, in C
+                new[:, j] = np.fromiter(map(index.__getitem__, matrix[:, j]), np.int64, n)
+            except (KeyError, TypeError):  # a value outside the categories: the missing bin
+                new[:, j] = bin_values(self.references[j], matrix[:, j])
         new[:, -1] = bin_values(self.references[-1], scores)
         positions = self.rows + np.arange(n)
         slots = positions % self.size

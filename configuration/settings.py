@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     preprocess_workers: PositiveInt = Field(1, description="Preprocessor worker processes.")
     model_workers: PositiveInt = Field(1, description="Model runner worker processes.")
     model_threads: PositiveInt = Field(1, description="XGBoost threads per model worker.")
+    gc_young_objects: PositiveInt = Field(
+        20_000,
+        description="Objects a worker allocates (less those freed) before Python collects its "
+        "youngest generation (Python's default: 700, a collection every few requests; "
+        "docs/performance.md).",
+    )
     runner_connection_max_requests: PositiveInt = Field(
         10**9,
         description="Requests before the API renews a runner connection (BentoML's default, 100, "

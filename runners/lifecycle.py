@@ -18,6 +18,7 @@ build them in-process."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -65,6 +66,16 @@ def runner_drain_s(settings: Settings) -> float:
     if settings.drain_s <= 0:
         return 0.0
     return settings.drain_s + settings.inference_deadline_ms / 1000
+
+
+def settle_heap(young_objects: int) -> None:
+    """Call once a worker has loaded what it keeps: `gc.freeze()` leaves those objects out of
+    every future collection, and the youngest generation is collected every `young_objects`
+    allocations instead of Python's 700 (with requests of hundreds of short-lived objects, the
+    collections cost the API worker ~17% of its throughput: docs/performance.md)."""
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(young_objects, middle, oldest)
 
 
 def start_worker(drain_s: float) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -14,7 +13,7 @@ import numpy as np
 from configuration import get_settings
 from runners.artifacts import Versions, model_tag, pin_versions, verified_file
 from runners.batching import by_version, constant_media_types, isolate_failures, service_options
-from runners.lifecycle import runner_drain_s, start_worker
+from runners.lifecycle import runner_drain_s, settle_heap, start_worker
 from runners.metrics import batch_rows
 
 SETTINGS = get_settings()
@@ -102,7 +101,7 @@ class XGBoostRunner:
         self.n_classes = len(self.model.info.metadata["classes"])
         self.batch_rows = batch_rows().labels(runner="xgboost")
         start_worker(runner_drain_s(SETTINGS))  # in a worker: exit with it, drain on SIGTERM
-        gc.freeze()  # the loaded model is permanent: keep it out of every future collection
+        settle_heap(SETTINGS.gc_young_objects)  # what is loaded stays out of collections
 
     @bentoml.api(
         batchable=True,
