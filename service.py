@@ -49,7 +49,7 @@ from api.v2 import V2_BODIES, V2_PREFIX, V2_ROUTES, OpenInference, V2Errors, ope
 from configuration import current_use_case, get_settings
 from configuration.logs import redact_logs
 from runners.artifacts import served_model
-from runners.batching import service_options
+from runners.batching import bind_apis_once, service_options
 from runners.preprocessor import Preprocessor
 from runners.sklearn_runner import SklearnRunner
 from runners.xgboost_runner import XGBoostRunner
@@ -155,6 +155,7 @@ class Scoring:
         )
         self.draining = lifecycle.draining
         lifecycle.start_worker(SETTINGS.drain_s)  # in a worker: exit with it, drain on SIGTERM
+        bind_apis_once(self)
         lifecycle.settle_heap(SETTINGS.gc_young_objects)  # start-up objects stay out of collections
 
     # ---- background work: warm-up (readiness), async tasks, routing set by admin calls -------

@@ -10,7 +10,13 @@ import numpy as np
 
 from configuration import UseCase, current_use_case, get_settings
 from runners.artifacts import SKOPS_TRUSTED_TYPES, Versions, model_tag, pin_versions, verified_file
-from runners.batching import by_version, constant_media_types, isolate_failures, service_options
+from runners.batching import (
+    bind_apis_once,
+    by_version,
+    constant_media_types,
+    isolate_failures,
+    service_options,
+)
 from runners.encoder import Encoder
 from runners.lifecycle import runner_drain_s, settle_heap, start_worker
 from runners.metrics import batch_rows
@@ -67,6 +73,7 @@ class Preprocessor:
         self.compiled = "encoder" in self.model.info.metadata  # what load_encoder chose
         self.batch_rows = batch_rows().labels(runner="preprocessor")
         start_worker(runner_drain_s(SETTINGS))  # in a worker: exit with it, drain on SIGTERM
+        bind_apis_once(self)
         settle_heap(SETTINGS.gc_young_objects)  # what is loaded stays out of collections
 
     @bentoml.api(

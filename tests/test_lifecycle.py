@@ -45,3 +45,27 @@ def test_every_worker_settles_its_heap_with_the_setting():
     ):
         source = (PROJECT / path).read_text()
         assert call in source and "gc.freeze()" not in source, path
+
+
+def test_bind_apis_once_keeps_one_caller_per_api_on_the_instance(demo_models):
+    """BentoML's per-request lookup (`getattr(instance, name).local`) finds the caller built
+    once, and calling it runs the API."""
+    import asyncio
+
+    import numpy as np
+
+    from runners.batching import bind_apis_once
+    from runners.preprocessor import Preprocessor
+
+    preprocessor = Preprocessor.inner()  # its __init__ binds its APIs
+    for name in Preprocessor.apis:
+        first = getattr(preprocessor, name)
+        assert getattr(preprocessor, name) is first and first.local is first, name
+    bind_apis_once(preprocessor)  # idempotent
+    assert preprocessor.transform.local is preprocessor.transform
+    from configuration import current_use_case
+
+    example = current_use_case().matrix([current_use_case().examples[0]])[0]
+    raw = np.array([[preprocessor.version, *example]], dtype=object)
+    out = asyncio.run(preprocessor.transform.local(raw))
+    assert out.shape == (1, preprocessor.width) and np.isfinite(out).all()
