@@ -16,14 +16,17 @@ import tempfile
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from configuration.digests import sha256_of
 from configuration.settings import PROJECT_ROOT, Settings
+
+if TYPE_CHECKING:  # imported where used: a server without a public key never loads it (7 MiB
+    # of each worker's memory)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 MANIFEST_FORMAT = "scoring-model-manifest/1"  # signed too: a signature means this and only this
 LINEAGE_LABELS = ("registered_name", "registered_version", "alias", "run_id")
@@ -62,6 +65,8 @@ def manifest(tag: str, labels: Mapping[str, Any], files: Mapping[str, str]) -> b
 
 def key_id(key: Ed25519PublicKey) -> str:
     """A short name of a public key: the start of the SHA-256 of its raw bytes."""
+    from cryptography.hazmat.primitives import serialization
+
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:KEY_ID_CHARS]
 
@@ -88,6 +93,8 @@ def verify_model_dir(
 ) -> None:
     """Raise SignatureError, saying why, unless the signature in `metadata` verifies with `key`
     over the tag, the lineage labels and the files found in `model_dir`."""
+    from cryptography.exceptions import InvalidSignature
+
     expected = key_id(key)
 
     def refuse(reason: str) -> SignatureError:
@@ -124,6 +131,9 @@ def verify_model_dir(
 
 def public_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
     """The public key (of a private key) as PEM."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     return public.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -132,6 +142,9 @@ def public_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """An Ed25519 private key from an unencrypted PEM file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path}: not an Ed25519 private key")
@@ -142,6 +155,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 def load_public_key(value: str) -> Ed25519PublicKey:
     """An Ed25519 public key from PEM text (e.g. an env var fed by a Kubernetes Secret) or from
     the path of a PEM file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     is_pem = value.lstrip().startswith(PEM_START)
     key = serialization.load_pem_public_key(value.encode() if is_pem else Path(value).read_bytes())
     if not isinstance(key, Ed25519PublicKey):
@@ -152,6 +168,9 @@ def load_public_key(value: str) -> Ed25519PublicKey:
 def default_signing_key(directory: Path = DEFAULT_KEY_DIR) -> Ed25519PrivateKey:
     """The key in `directory`, generated the first time (private key mode 0600, its public key
     beside it), so that the demo signs its imports with nothing configured."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private_path, public_path = directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
     if not private_path.exists():
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)

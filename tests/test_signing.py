@@ -278,3 +278,17 @@ def test_a_served_tampered_model_is_refused_and_never_ready(demo_models, tmp_pat
     finally:
         stop(process)
         show_log(log)
+
+
+@pytest.mark.process
+def test_a_server_without_a_public_key_never_loads_cryptography():
+    """Without SCORING_MODEL_PUBLIC_KEY nothing is verified with a key, so the service and its
+    runners do not import `cryptography` (7 MiB of each worker's memory); signing and verifying
+    import it where they run (the tests above)."""
+    code = (
+        "import sys, service\n"
+        "import runners.preprocessor, runners.xgboost_runner, runners.sklearn_runner\n"
+        "assert 'cryptography' not in sys.modules, sorted(m for m in sys.modules if 'crypto' in m)"
+    )
+    done = run_python("-c", code, unset=["SCORING_MODEL_PUBLIC_KEY"])
+    assert done.returncode == 0, done.stderr[-2000:]
