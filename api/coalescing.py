@@ -13,16 +13,22 @@ from typing import Any
 
 import numpy as np
 
-Rows = list[Any]  # the items of a request: (feature values, arm) pairs for the scorer
+Rows = Any  # the rows of a request, anything with a len() that `join` concatenates
 
 
 class Coalescer:
-    """`await coalescer(rows)` -> the (len(rows) x k) result of `score` for those rows."""
+    """`await coalescer(rows)` -> the (len(rows) x k) result of `score` for those rows; the
+    rows of the requests that leave together are joined by `join`."""
 
     def __init__(
-        self, score: Callable[[Rows], Awaitable[np.ndarray]], max_rows: int, max_in_flight: int
+        self,
+        score: Callable[[Rows], Awaitable[np.ndarray]],
+        join: Callable[[list[Rows]], Rows],
+        max_rows: int,
+        max_in_flight: int,
     ) -> None:
         self.score = score
+        self.join = join
         self.max_rows = max_rows
         self.max_in_flight = max_in_flight
         self._queue: list[tuple[Rows, asyncio.Future[np.ndarray]]] = []
@@ -51,8 +57,7 @@ class Coalescer:
 
     async def _run(self, batch: list[tuple[Rows, asyncio.Future[np.ndarray]]]) -> None:
         try:
-            rows = [row for request_rows, _ in batch for row in request_rows]
-            result = await self.score(rows)
+            result = await self.score(self.join([request_rows for request_rows, _ in batch]))
         except Exception as exc:  # handed to each waiting request, which answers with it
             for _, future in batch:
                 if not future.done():

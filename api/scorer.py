@@ -25,7 +25,27 @@ from configuration.policy import FallbackReason, decide
 LOG = logging.getLogger(__name__)
 NOT_READY_ERRORS = (ServiceUnavailable, httpx.TransportError, OSError)
 Row = dict[str, Any]
-Pair = tuple[np.ndarray, Arm]  # a row's model-feature values (UseCase.matrix) and its arm
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows bound for the runners with their arms' versions, as the runners take them: what the
+    coalescer joins (one concatenation per column block, not a tuple per row)."""
+
+    raw: np.ndarray  # n x (1 + model features), object: the preprocessor version, the values
+    model_versions: np.ndarray  # n floats: the model version of each row
+
+    def __len__(self) -> int:
+        return len(self.model_versions)
+
+    @staticmethod
+    def join(blocks: list[Block]) -> Block:
+        if len(blocks) == 1:
+            return blocks[0]
+        return Block(
+            np.concatenate([b.raw for b in blocks]),
+            np.concatenate([b.model_versions for b in blocks]),
+        )
 
 
 @dataclass(frozen=True)
@@ -49,7 +69,7 @@ class Scorer:
         self.routing = routing  # replaced whole by `swap`, never changed in place
         self.monitor = Monitor(settings, use_case, routing)
         self.coalesce = Coalescer(
-            self._run_runners, settings.api_max_batch_rows, settings.api_max_in_flight
+            self._run_runners, Block.join, settings.api_max_batch_rows, settings.api_max_in_flight
         )
         self.explainers: dict[str, Explainer] = {}
         self.examples = [dict(e) for e in use_case.examples]
@@ -59,32 +79,35 @@ class Scorer:
         return self.settings.inference_deadline_ms / 1000
 
     # ---- runner calls ------------------------------------------------------------------------
-    def _pairs(self, rows: list[Row], arms: list[Arm]) -> tuple[np.ndarray, list[Pair]]:
-        """The rows' model-feature values (built once per request: the runners and the drift
-        window both use them) and the (values, arm) pairs the coalescer batches."""
-        matrix = self.use_case.matrix(rows)
-        return matrix, list(zip(matrix, arms, strict=True))
+    def _block(self, matrix: np.ndarray, arms: list[Arm]) -> Block:
+        """The runners' input for rows of model-feature values (`UseCase.matrix`), each row by
+        its arm's versions."""
+        raw = np.empty((len(arms), matrix.shape[1] + 1), dtype=object)
+        raw[:, 1:] = matrix
+        first = arms[0] if arms else None
+        if all(arm is first for arm in arms):  # one arm: the usual request
+            raw[:, 0] = first.preprocessor_version if first else None
+            versions = np.full(len(arms), float(first.model_version) if first else np.nan)
+        else:
+            raw[:, 0] = [arm.preprocessor_version for arm in arms]
+            versions = np.array([float(arm.model_version) for arm in arms])
+        return Block(raw, versions)
 
-    async def _run_runners(self, pairs: list[Pair]) -> np.ndarray:
-        """Probabilities (n x k) for a coalesced batch of (values, arm), each row by its arm's
-        versions; a row a runner failed on stays NaN (never guessed) and is not sent on to the
-        model."""
-        raw = np.empty((len(pairs), len(self.use_case.model_feature_names) + 1), dtype=object)
-        raw[:, 0] = [arm.preprocessor_version for _, arm in pairs]
-        raw[:, 1:] = np.stack([values for values, _ in pairs])
-        features = await self.runners.transform(raw)
+    async def _run_runners(self, block: Block) -> np.ndarray:
+        """Probabilities (n x k) for a coalesced block, each row by its arm's versions; a row a
+        runner failed on stays NaN (never guessed) and is not sent on to the model."""
+        features = await self.runners.transform(block.raw)
         ok = ~np.isnan(features).any(axis=1)
-        probabilities = np.full((len(pairs), len(self.use_case.target.classes)), np.nan)
+        probabilities = np.full((len(block), len(self.use_case.target.classes)), np.nan)
         if ok.any():
-            versions = np.array([float(arm.model_version) for _, arm in pairs])
-            model_input = np.column_stack([versions, features])[ok]
+            model_input = np.column_stack([block.model_versions, features])[ok]
             probabilities[ok] = await self.runners.predict_proba(model_input)
         return probabilities
 
-    async def _probabilities(self, pairs: list[Pair]) -> tuple[np.ndarray, Any]:
+    async def _probabilities(self, block: Block) -> tuple[np.ndarray, Any]:
         """(probabilities, failure reason or None) within the inference deadline."""
         try:
-            return await asyncio.wait_for(self.coalesce(pairs), self.deadline_s), None
+            return await asyncio.wait_for(self.coalesce(block), self.deadline_s), None
         except (TimeoutError, httpx.TimeoutException):
             reason: FallbackReason = "timeout"  # the batch runs on; its result is dropped
         except NOT_READY_ERRORS as exc:
@@ -93,7 +116,7 @@ class Scorer:
         except Exception:  # any other runner failure: logged, answered by the fallback
             reason = "model_error"
             LOG.exception("runner call failed")
-        return np.full((len(pairs), len(self.use_case.target.classes)), np.nan), reason
+        return np.full((len(block), len(self.use_case.target.classes)), np.nan), reason
 
     # ---- answers -----------------------------------------------------------------------------
     async def score(self, rows: list[Row]) -> Scored:
@@ -104,10 +127,11 @@ class Scorer:
         key = self.use_case.key
         arms = routing.assign([row.get(key) if key else None for row in rows])
         shadow_arm = routing.challenger if routing.mode == "shadow" else None
-        matrix, pairs = self._pairs(rows, arms)
+        matrix = self.use_case.matrix(rows)  # once: the runners and the drift window use it
+        block = self._block(matrix, arms)
         if shadow_arm is not None:
-            pairs += [(values, shadow_arm) for values in matrix]
-        probabilities, failed = await self._probabilities(pairs)
+            block = Block.join([block, self._block(matrix, [shadow_arm] * len(rows))])
+        probabilities, failed = await self._probabilities(block)
         n = len(rows)
         decisions = decide(
             self.use_case, probabilities[:n], lambda index: [rows[i] for i in index], failed
@@ -123,13 +147,11 @@ class Scorer:
         decisions, arm = scored.decisions, scored.arms[0]
         if decisions.reasons[0] not in (None, "low_confidence"):
             return None
-        raw = np.empty((1, len(self.use_case.model_feature_names) + 1), dtype=object)
-        raw[0, 0] = arm.preprocessor_version
-        raw[:, 1:] = self.use_case.matrix([row])
-        features = await self.runners.transform(raw)
+        block = self._block(self.use_case.matrix([row]), [arm])
+        features = await self.runners.transform(block.raw)
         if np.isnan(features).any():
             return None
-        model_input = np.column_stack([[float(arm.model_version)], features])
+        model_input = np.column_stack([block.model_versions, features])
         contributions = await self.runners.contributions(model_input)
         label = max(int(decisions.labels[0]), 0)
         return self.explainer(arm).explain(row, contributions[0], label, top_k)
@@ -145,13 +167,10 @@ class Scorer:
         """Score the use case's examples with every arm of `routing` through the runners (the
         deadline does not apply); None when the model answered them all, else the problem."""
         examples = self.examples or [{}]
-        pairs = [
-            pair
-            for arm in routing.arms()
-            for pair in self._pairs(examples, [arm] * len(examples))[1]
-        ]
+        matrix = self.use_case.matrix(examples)
+        block = Block.join([self._block(matrix, [arm] * len(examples)) for arm in routing.arms()])
         try:
-            probabilities = await self.coalesce(pairs)
+            probabilities = await self.coalesce(block)
         except Exception as exc:  # runners still starting, or broken
             return repr(exc)
         return None if np.isfinite(probabilities).all() else "the model failed on an example"
