@@ -84,10 +84,10 @@ class Scorer:
         its arm's versions."""
         raw = np.empty((len(arms), matrix.shape[1] + 1), dtype=object)
         raw[:, 1:] = matrix
-        first = arms[0] if arms else None
+        first = arms[0]  # a request has rows: an empty one never reaches the runners
         if all(arm is first for arm in arms):  # one arm: the usual request
-            raw[:, 0] = first.preprocessor_version if first else None
-            versions = np.full(len(arms), float(first.model_version) if first else np.nan)
+            raw[:, 0] = first.preprocessor_version
+            versions = np.full(len(arms), float(first.model_version))
         else:
             raw[:, 0] = [arm.preprocessor_version for arm in arms]
             versions = np.array([float(arm.model_version) for arm in arms])

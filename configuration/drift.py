@@ -123,7 +123,7 @@ class DriftWindow:
             matrix, scores, n = matrix[-self.size :], scores[-self.size :], self.size
         new = np.empty((n, len(self.names)), dtype=np.int64)
         if self.numeric:  # the numeric columns converted in one call, missing ones binned at once
-            numbers = matrix[:, self.numeric].astype(np.float64)  # as _numbers: None is NaN
+            numbers = _numbers(matrix[:, self.numeric])  # None is NaN
             bins = np.empty(numbers.shape, dtype=np.int64)
             for k, edges in enumerate(self.edges):
                 bins[:, k] = np.searchsorted(edges, numbers[:, k], side="right")
