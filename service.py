@@ -26,6 +26,7 @@ from api.contract import (
     TaskInfo,
     contract_for,
 )
+from api.direct import DirectRoutes
 from api.errors import (
     Conflict,
     ContractMiddleware,
@@ -452,4 +453,12 @@ cast(Any, Scoring).add_asgi_middleware(  # a bentoml.Service at run time
 # the page at /ui, inside ContractMiddleware: one access line per request there too
 cast(Any, Scoring).add_asgi_middleware(
     WebPage, key=USE_CASE.key, examples=[dict(e) for e in USE_CASE.examples]
+)
+# the scoring routes, inside ContractMiddleware, without BentoML's router and input wrapper
+cast(Any, Scoring).add_asgi_middleware(
+    DirectRoutes,
+    routes={api.route: (name, api.input_spec) for name, api in cast(Any, Scoring).apis.items()},
+    instance=bentoml.get_current_service,
+    server=f"BentoML Service/{cast(Any, Scoring).name}",
+    enabled=SETTINGS.direct_routes,
 )

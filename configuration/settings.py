@@ -153,6 +153,11 @@ class Settings(BaseSettings):
     trace_requests: bool = Field(
         False, description="OpenTelemetry spans for scoring routes (configure an exporter too)."
     )
+    direct_routes: bool = Field(
+        True,
+        description="predict, predict_batch and explain validated and called without BentoML's "
+        "router and input wrapper (api/direct.py); false: BentoML's own path.",
+    )
 
     # --- request limits -----------------------------------------------------------------------
     max_batch_rows: PositiveInt = Field(1000, description="Cap on rows in one predict_batch call.")
