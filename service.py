@@ -5,6 +5,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, cast
 
 import bentoml
@@ -26,7 +27,7 @@ from api.contract import (
     TaskInfo,
     contract_for,
 )
-from api.direct import DirectRoutes
+from api.direct import DirectRoutes, bentoml_api
 from api.errors import (
     Conflict,
     ContractMiddleware,
@@ -46,7 +47,15 @@ from api.prediction_log import PredictionLog
 from api.routing import RoutingError, data_digest, initial_routing, model_info
 from api.scorer import Runners, Scorer
 from api.ui import WebPage
-from api.v2 import V2_BODIES, V2_PREFIX, V2_ROUTES, OpenInference, V2Errors, open_inference_app
+from api.v2 import (
+    V2_BODIES,
+    V2_PREFIX,
+    V2_ROUTES,
+    OpenInference,
+    V2Errors,
+    direct_infer,
+    open_inference_app,
+)
 from configuration import current_use_case, get_settings
 from configuration.logs import redact_logs
 from runners.artifacts import served_model
@@ -454,11 +463,22 @@ cast(Any, Scoring).add_asgi_middleware(  # a bentoml.Service at run time
 cast(Any, Scoring).add_asgi_middleware(
     WebPage, key=USE_CASE.key, examples=[dict(e) for e in USE_CASE.examples]
 )
-# the scoring routes, inside ContractMiddleware, without BentoML's router and input wrapper
+
+
+# the scoring routes, inside ContractMiddleware, without the router and request wrappers in front
+SERVER = f"BentoML Service/{cast(Any, Scoring).name}"  # the header BentoML's wrapper sets
+
+
+def _caller(name: str) -> Callable[[], Any]:
+    return lambda: getattr(bentoml.get_current_service(), name).local
+
+
 cast(Any, Scoring).add_asgi_middleware(
     DirectRoutes,
-    routes={api.route: (name, api.input_spec) for name, api in cast(Any, Scoring).apis.items()},
-    instance=bentoml.get_current_service,
-    server=f"BentoML Service/{cast(Any, Scoring).name}",
+    routes={
+        api.route: bentoml_api(api.input_spec, _caller(name), SERVER)
+        for name, api in cast(Any, Scoring).apis.items()
+    },
+    patterns=[direct_infer(lambda: bentoml.get_current_service().open_inference)],
     enabled=SETTINGS.direct_routes,
 )

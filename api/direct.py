@@ -1,21 +1,23 @@
-"""The scoring routes answered without BentoML's per-request router and input wrapper.
+"""The scoring routes answered without the router and request wrappers in front of them.
 
 Under load the API worker is the service's bottleneck, and for each request BentoML's app runs
-its context middleware, Starlette's exception middleware, router and request wrapper, and its
-own endpoint wrapper (about a tenth of the worker's time at 100 rows a request) before the same
-two steps every route takes: the body validated by the route's input model, the API method
-called with its fields. `DirectRoutes` sits inside ContractMiddleware (which has answered 413,
-415 and 429 and keeps the deadline) and BentoML's outer middlewares (request metrics, tracing,
-the hard timeout), and takes those two steps itself for the routes it is given, with the very
-input model and method BentoML would use. A body the model refuses goes on to BentoML, which
-answers it as it answers any other (400, rewritten into the contract's error shape); an error
-in the method is answered as BentoML answers it (500, no detail). `SCORING_DIRECT_ROUTES=false`
-sends every request through BentoML's own path."""
+its context middleware, Starlette's exception middleware and router, the route's request wrapper
+and its own endpoint wrapper (FastAPI's app, mounted for the Open Inference Protocol, its own
+middlewares, router and wrapper on top) before the steps that matter: the body validated, the
+method called. `DirectRoutes` sits inside ContractMiddleware (which has answered 413, 415 and
+429 and keeps the deadline) and BentoML's outer middlewares (request metrics, tracing, the hard
+timeout), and hands the body of the routes it is given straight to their handler, which answers
+as the route would. A BentoML API's handler (`bentoml_api`) validates the body with the very
+input model BentoML would use and calls the caller BentoML would call; a body the model refuses
+goes on to BentoML, which answers it as it answers any other (400, rewritten into the contract's
+error shape); an error in the method is answered as BentoML answers it (500, no detail).
+`SCORING_DIRECT_ROUTES=false` sends every request the usual way."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -25,53 +27,69 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 LOG = logging.getLogger(__name__)
 # BentoML's body for an error it does not explain (ContractMiddleware rewrites it)
 UNEXPECTED = {"error": "An unexpected error has occurred, please check the server log."}
+# a route's answer to a request body: its response, or None to let the request go the usual way
+Direct = Callable[[Scope, bytes], Awaitable[Response | None]]
 
 
 class DirectRoutes:
-    """`routes`: POST path -> (API method name, its input model); `instance` gives the service
-    instance (once the worker has built it)."""
+    """`routes`: POST path -> its handler; `patterns`: POST paths matching a pattern (path
+    parameters) -> their handler."""
 
     def __init__(
         self,
         app: ASGIApp,
-        routes: dict[str, tuple[str, type[BaseModel]]],
-        instance: Callable[[], Any],
-        server: str,
+        routes: dict[str, Direct],
+        patterns: Sequence[tuple[re.Pattern[str], Direct]] = (),
         enabled: bool = True,
     ) -> None:
-        self.app, self.routes, self.instance = app, routes, instance
-        self.server = server
-        self.enabled = enabled
-        self.methods: dict[str, Callable[..., Any]] = {}
+        self.app, self.routes, self.patterns, self.enabled = app, routes, patterns, enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
-        if route is None or not self.enabled or scope["method"] != "POST":
+        direct = self._direct(scope) if scope["type"] == "http" else None
+        if direct is None or not self.enabled or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         body = await _read(receive)
-        name, model = route
+        response = await direct(scope, body)
+        if response is None:
+            await self.app(scope, _replay(body, receive), send)
+            return
+        await response(scope, receive, send)
+
+    def _direct(self, scope: Scope) -> Direct | None:
+        path = scope["path"]
+        if (direct := self.routes.get(path)) is not None:
+            return direct
+        return next((d for pattern, d in self.patterns if pattern.fullmatch(path)), None)
+
+
+def bentoml_api(
+    model: type[BaseModel], method: Callable[[], Callable[..., Any]], server: str
+) -> Direct:
+    """The handler of a BentoML API: `model` its input spec, `method()` its caller (`.local`),
+    `server` the Server header BentoML's endpoint wrapper sets."""
+    callers: list[Callable[..., Any]] = []  # looked up once the worker's instance exists
+
+    async def handle(scope: Scope, body: bytes) -> Response | None:
         try:
             request = model.model_validate_json(body or b"{}")  # as BentoML's JSON serde
         except ValidationError:  # BentoML answers it, as any refused body
-            await self.app(scope, _replay(body, receive), send)
-            return
+            return None
+        if not callers:
+            callers.append(method())
         try:
-            response = await self._method(name)(
+            response = await callers[0](
                 **{field: getattr(request, field) for field in type(request).model_fields}
             )
         except Exception:
             LOG.exception("%s failed", scope["path"])
             response = JSONResponse(UNEXPECTED, status_code=500)
         if not isinstance(response, Response):  # every direct route answers with a Response
-            raise TypeError(f"{name} answered {type(response).__name__}, not a Response")
-        response.headers["server"] = self.server  # as BentoML's endpoint wrapper
-        await response(scope, receive, send)
+            raise TypeError(f"{scope['path']} answered {type(response).__name__}, not a Response")
+        response.headers["server"] = server
+        return response
 
-    def _method(self, name: str) -> Callable[..., Any]:
-        if name not in self.methods:  # the caller BentoML itself would call
-            self.methods[name] = getattr(self.instance(), name).local
-        return self.methods[name]
+    return handle
 
 
 async def _read(receive: Receive) -> bytes:

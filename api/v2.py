@@ -5,6 +5,8 @@ errors are the protocol's `{"error": "..."}`, never quoting request values."""
 
 from __future__ import annotations
 
+import logging
+import re
 import struct
 import uuid
 from collections.abc import Awaitable, Callable
@@ -15,9 +17,11 @@ import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema
 from pydantic_core import to_json
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
+from starlette.types import Scope
 
 from api.contract import Contract, ModelRef, RowError
+from api.direct import Direct
 from api.errors import (
     MASKED_MESSAGE,
     ErrorShape,
@@ -30,6 +34,7 @@ from api.errors import (
 )
 from configuration import UseCase
 
+LOG = logging.getLogger(__name__)
 V2_PREFIX = "/v2"
 # the datatype each feature type is declared with in the metadata, and those it accepts
 DECLARED = {"numeric": "FP64", "categorical": "BYTES", "text": "BYTES", "boolean": "BOOL"}
@@ -78,6 +83,10 @@ Parameters = Annotated[  # the protocol's: a string, number or boolean each
 ]
 REQUEST_ID = r"^[A-Za-z0-9._:-]{1,64}$"
 BINARY_HEADER = "inference-header-content-length"  # Triton's binary tensor data extension
+# the infer route's paths (MODEL_PATHS + /infer under V2_PREFIX), path parameters by name
+INFER_PATH = re.compile(
+    f"{V2_PREFIX}/models/(?P<model_name>[^/]+)(?:/versions/(?P<model_version>[^/]+))?/infer"
+)
 BINARY_SIZE = "binary_data_size"
 LENGTH = struct.Struct("<I")  # a BYTES element's length in binary data
 NOT_READY = "the model is not ready (starting, a runner unreachable, or stopping)"
@@ -600,15 +609,42 @@ def open_inference_app(current: Callable[[], OpenInference]) -> FastAPI:
             (`label`, `score`, `confidence`, `source`, `fallback_reason`, `arm`,
             `model_version`); `null` where there is no value. A row that is not valid makes
             the request a 400 naming the row and the feature."""
-            protocol = current()
-            try:
-                protocol.check_model(**request.path_params)
-                body = await request.body()
-                return _json(await protocol.infer(body, request.headers.get(BINARY_HEADER)))
-            except ScoringError as exc:
-                return _error(exc)
+            body = await request.body()
+            header = request.headers.get(BINARY_HEADER)
+            return await infer_response(current(), request.path_params, body, header)
 
     return app
+
+
+async def infer_response(
+    protocol: OpenInference, path_params: dict[str, str], body: bytes, binary_header: str | None
+) -> Response:
+    """The infer route's answer (also given without FastAPI's router: `direct_infer`)."""
+    try:
+        protocol.check_model(**path_params)
+        return _json(await protocol.infer(body, binary_header))
+    except ScoringError as exc:
+        return _error(exc)
+
+
+def direct_infer(current: Callable[[], OpenInference]) -> tuple[re.Pattern[str], Direct]:
+    """The infer route for api.direct.DirectRoutes: its path pattern and handler. An error
+    the handler does not answer is a 500 as FastAPI's would be (the V2 error shape is
+    ContractMiddleware's)."""
+    binary_header = BINARY_HEADER.encode()
+
+    async def handle(scope: Scope, body: bytes) -> Response:
+        match = INFER_PATH.fullmatch(scope["path"])
+        assert match is not None  # DirectRoutes matched it
+        params = {name: value for name, value in match.groupdict().items() if value is not None}
+        headers = (v.decode("latin-1") for k, v in scope["headers"] if k == binary_header)
+        try:
+            return await infer_response(current(), params, body, next(headers, None))
+        except Exception:
+            LOG.exception("%s failed", scope["path"])
+            return PlainTextResponse("Internal Server Error", status_code=500)
+
+    return INFER_PATH, handle
 
 
 def request_for(use_case: UseCase, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""The scoring routes answered without BentoML's router (api/direct.py): the same answers as
-BentoML's own path, for valid and invalid bodies alike, and the mechanics on their own."""
+"""The scoring routes answered without the router in front of them (api/direct.py): the same
+answers as BentoML's (and FastAPI's) own path, for valid and invalid bodies alike, and the
+mechanics on their own."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 from starlette.responses import JSONResponse, Response
 
-from api.direct import UNEXPECTED, DirectRoutes
+from api.direct import UNEXPECTED, DirectRoutes, bentoml_api
+from api.v2 import request_for
 
 from .harness import random_rows
+
+BINARY = "inference-header-content-length"
 
 
 def direct_routes(client: Any) -> DirectRoutes:
@@ -27,28 +31,26 @@ def direct_routes(client: Any) -> DirectRoutes:
     return layer
 
 
-def both_paths(client: Any, path: str, body: Any) -> tuple[Any, Any]:
-    """The responses of the direct path and of BentoML's own path to the same body."""
+def both_paths(client: Any, path: str, body: Any, headers: Any = None) -> tuple[Any, Any]:
+    """The responses of the direct path and of the usual path to the same body."""
     routes = direct_routes(client)
     assert routes.enabled
-    direct = client.post(
-        path, content=json.dumps(body), headers={"content-type": "application/json"}
-    )
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"content-type": "application/json", **(headers or {})}
+    direct = client.post(path, content=content, headers=headers)
     routes.enabled = False
     try:
-        bentoml = client.post(
-            path, content=json.dumps(body), headers={"content-type": "application/json"}
-        )
+        usual = client.post(path, content=content, headers=headers)
     finally:
         routes.enabled = True
-    return direct, bentoml
+    return direct, usual
 
 
-def same(direct: Any, bentoml: Any) -> None:
-    assert direct.status_code == bentoml.status_code
-    assert direct.json() == bentoml.json()
+def same(direct: Any, usual: Any) -> None:
+    assert direct.status_code == usual.status_code
+    assert direct.json() == usual.json()
     for header in ("content-type", "server", "content-length"):
-        assert direct.headers.get(header) == bentoml.headers.get(header), header
+        assert direct.headers.get(header) == usual.headers.get(header), header
 
 
 def test_the_direct_path_answers_as_bentomls_on_many_random_rows(api_client, churn):
@@ -87,6 +89,30 @@ def test_rows_refused_one_by_one_are_answered_as_bentoml_answers_them(api_client
     assert [e["index"] for e in direct.json()["errors"]] == [0, 1, 2, 6]
 
 
+def test_the_open_inference_protocol_answers_as_through_fastapi(api_client, churn):
+    rows = random_rows(churn, 300, seed=12)
+    version = api_client.get("/v1/model").json()["serving"]["version"]
+    for start in range(0, len(rows), 100):
+        body = {**request_for(churn, rows[start : start + 100]), "id": f"r-{start}"}  # else random
+        same(*both_paths(api_client, "/v2/models/churn/infer", body))
+        same(*both_paths(api_client, f"/v2/models/churn/versions/{version}/infer", body))
+    one = request_for(churn, rows[:1])
+    for path, body in [
+        ("/v2/models/nope/infer", one),
+        ("/v2/models/churn/versions/999999/infer", one),
+        ("/v2/models/churn/infer", {"inputs": [{"name": "age", "datatype": "FP64"}]}),
+        ("/v2/models/churn/infer", request_for(churn, [{**rows[0], "age": -3}])),
+        ("/v2/models/churn/infer", {**one, "parameters": {"content_type": "np"}}),
+        ("/v2/models/churn/infer", b"{"),
+    ]:
+        direct, usual = both_paths(api_client, path, body)
+        same(direct, usual)
+        assert direct.status_code in (400, 404) and "error" in direct.json()
+    refused = both_paths(api_client, "/v2/models/churn/infer", one, {BINARY: "x"})
+    same(*refused)
+    assert refused[0].status_code == 400
+
+
 # ---- the middleware on its own ------------------------------------------------------------
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -98,19 +124,16 @@ class Service:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
 
-    class _Api:
-        def __init__(self, function: Any) -> None:
-            self.local = function
+    async def score(self, instances: list[int], scale: int) -> Response:
+        self.calls.append({"instances": instances, "scale": scale})
+        if scale == 0:
+            raise RuntimeError("secret-row-content")
+        return JSONResponse({"total": sum(instances) * scale})
 
-    @property
-    def score(self) -> Any:
-        async def score(instances: list[int], scale: int) -> Response:
-            self.calls.append({"instances": instances, "scale": scale})
-            if scale == 0:
-                raise RuntimeError("secret-row-content")
-            return JSONResponse({"total": sum(instances) * scale})
 
-        return self._Api(score)
+def routed(inner: Any, service: Service, enabled: bool = True) -> DirectRoutes:
+    handler = bentoml_api(Body, lambda: service.score, "S/1")
+    return DirectRoutes(inner, {"/score": handler}, enabled=enabled)
 
 
 def call(app: Any, path: str, body: bytes, method: str = "POST") -> tuple[int, dict, bytes]:
@@ -145,7 +168,7 @@ def inner_app(seen: list[bytes]) -> Any:
 
 def test_a_valid_body_calls_the_method_with_the_models_fields():
     service, seen = Service(), []
-    app = DirectRoutes(inner_app(seen), {"/score": ("score", Body)}, lambda: service, "S/1")
+    app = routed(inner_app(seen), service)
     status, headers, body = call(app, "/score", b'{"instances": [1, 2, 3], "scale": 2}')
     assert (status, json.loads(body), headers["server"]) == (200, {"total": 12}, "S/1")
     assert service.calls == [{"instances": [1, 2, 3], "scale": 2}] and seen == []
@@ -154,12 +177,12 @@ def test_a_valid_body_calls_the_method_with_the_models_fields():
 
 def test_what_it_does_not_take_goes_on_with_its_body_intact():
     service, seen = Service(), []
-    app = DirectRoutes(inner_app(seen), {"/score": ("score", Body)}, lambda: service, "S/1")
+    app = routed(inner_app(seen), service)
     refused = b'{"instances": ["1"], "extra": true}'
     assert call(app, "/score", refused)[0] == 418  # refused by the model: to BentoML
     assert call(app, "/other", b'{"instances": [1]}')[0] == 418  # another route
     assert call(app, "/score", b"", method="GET")[0] == 418  # another method
-    off = DirectRoutes(inner_app(seen), {"/score": ("score", Body)}, lambda: service, "S", False)
+    off = routed(inner_app(seen), service, enabled=False)
     assert call(off, "/score", b'{"instances": [1]}')[0] == 418  # switched off
     assert seen == [refused, b'{"instances": [1]}', b"", b'{"instances": [1]}']
     assert service.calls == []
@@ -167,7 +190,7 @@ def test_what_it_does_not_take_goes_on_with_its_body_intact():
 
 def test_a_failing_method_is_a_500_without_its_detail(caplog):
     service = Service()
-    app = DirectRoutes(inner_app([]), {"/score": ("score", Body)}, lambda: service, "S/1")
+    app = routed(inner_app([]), service)
     with caplog.at_level(logging.ERROR):
         status, _, body = call(app, "/score", b'{"instances": [1], "scale": 0}')
     assert (status, json.loads(body)) == (500, UNEXPECTED)
