@@ -53,6 +53,16 @@ def same(direct: Any, usual: Any) -> None:
         assert direct.headers.get(header) == usual.headers.get(header), header
 
 
+def test_the_scoring_routes_take_the_direct_path_and_no_other_does(api_client):
+    routes = direct_routes(api_client)
+    for path in ("/v1/predict", "/v1/predict_batch", "/v1/explain", "/v2/models/churn/infer",
+                 "/v2/models/churn/versions/7/infer"):  # fmt: skip
+        assert routes._direct({"path": path}) is not None, path
+    for path in ("/v1/tasks", "/v1/model", "/v2/models/churn", "/v2/models/churn/infer/x",
+                 "/v2/models/a/b/infer", "/v1/predict/"):  # fmt: skip
+        assert routes._direct({"path": path}) is None, path
+
+
 def test_the_direct_path_answers_as_bentomls_on_many_random_rows(api_client, churn):
     rows = random_rows(churn, 600, seed=11)
     for start in range(0, len(rows), 100):
