@@ -155,8 +155,8 @@ class Settings(BaseSettings):
     )
     direct_routes: bool = Field(
         True,
-        description="predict, predict_batch and explain validated and called without BentoML's "
-        "router and input wrapper (api/direct.py); false: BentoML's own path.",
+        description="predict, predict_batch, explain and V2 infer answered without the router and "
+        "request wrappers in front of them (api/direct.py); false: the usual path.",
     )
 
     # --- request limits -----------------------------------------------------------------------
