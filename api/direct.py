@@ -15,6 +15,7 @@ error shape); an error in the method is answered as BentoML answers it (500, no 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.errors import replayed
 
 LOG = logging.getLogger(__name__)
 # BentoML's body for an error it does not explain (ContractMiddleware rewrites it)
@@ -52,7 +55,7 @@ class DirectRoutes:
         body = await _read(receive)
         response = await direct(scope, body)
         if response is None:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replayed(body, receive), send)
             return
         await response(scope, receive, send)
 
@@ -68,17 +71,15 @@ def bentoml_api(
 ) -> Direct:
     """The handler of a BentoML API: `model` its input spec, `method()` its caller (`.local`),
     `server` the Server header BentoML's endpoint wrapper sets."""
-    callers: list[Callable[..., Any]] = []  # looked up once the worker's instance exists
+    caller = functools.cache(method)  # looked up once the worker's instance exists
 
     async def handle(scope: Scope, body: bytes) -> Response | None:
         try:
             request = model.model_validate_json(body or b"{}")  # as BentoML's JSON serde
         except ValidationError:  # BentoML answers it, as any refused body
             return None
-        if not callers:
-            callers.append(method())
         try:
-            response = await callers[0](
+            response = await caller()(
                 **{field: getattr(request, field) for field in type(request).model_fields}
             )
         except Exception:
@@ -99,16 +100,3 @@ async def _read(receive: Receive) -> bytes:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay

@@ -348,15 +348,7 @@ class ContractMiddleware:
         if body is None:
             await send.error(413, f"request body exceeds {max_bytes} bytes")
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
+        replay = replayed(body, receive)
         if stream:  # answers for as long as the client listens: no timeout
             await self.app(scope, replay, send)
             return
@@ -382,6 +374,20 @@ class ContractMiddleware:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def replayed(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives `body`, already read, in one message, then what `receive` gives."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 def _declared_length(scope: Scope) -> int:
