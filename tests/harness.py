@@ -5,10 +5,12 @@ reading what a served process answers. No pytest here: `python -m benchmarks` us
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -138,6 +140,9 @@ def serving(
     Stopped afterwards with SIGINT if still running (at once: no drain); whatever is left of it
     then, its workers included, is SIGKILLed."""
     port = port or free_port()
+    home = own_bentoml_home({**os.environ, **(env or {})}.get("BENTOML_HOME"), log)
+    if home is not None:
+        env = {**(env or {}), "BENTOML_HOME": str(home)}
     process = start_process(serve_command(port), log, env, cwd=cwd)
     workers: list[psutil.Process] = []
     try:
@@ -153,6 +158,23 @@ def serving(
             with suppress(psutil.NoSuchProcess):
                 leftover.send_signal(signal.SIGKILL)
         show_log(log)
+        if home is not None:
+            shutil.rmtree(home, ignore_errors=True)  # the links only: the store stays
+
+
+def own_bentoml_home(store: str | None, log: Path) -> Path | None:
+    """A BENTOML_HOME for one server over the model and Bento store of `store` (links to its
+    models/ and bentos/), so that its Prometheus multiprocess folder is its own: BentoML
+    empties that folder under BENTOML_HOME when a server starts, and /metrics reads every file
+    in it, so servers of one home wipe and mix each other's metrics (docs/scale-out.md)."""
+    if store is None:
+        return None
+    home = Path(tempfile.mkdtemp(prefix=f"{log.stem}-home-", dir=log.parent))
+    for name in ("models", "bentos"):
+        shared = Path(store) / name
+        shared.mkdir(parents=True, exist_ok=True)
+        (home / name).symlink_to(shared, target_is_directory=True)
+    return home
 
 
 def cli_command(module: str, *args: str) -> list[str]:
