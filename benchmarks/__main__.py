@@ -245,7 +245,7 @@ def benchmark(args: argparse.Namespace, logs: Path, baseline: tuple[str, Path] |
         names.insert(names.index(DEFAULT) + 1 if DEFAULT in names else 0, label)
         starts[label] = lambda: project(logs / "bench-baseline.log", {}, folder)
     runs: dict[str, list[dict[str, Cell]]] = {name: [] for name in names}
-    cold_starts: list[float] = []
+    cold_starts: dict[str, list[float]] = {name: [] for name in names}  # seconds, by server
     peak_rss = 0
     reference: list[float] | None = None
     for sweep in range(args.sweeps):
@@ -253,7 +253,7 @@ def benchmark(args: argparse.Namespace, logs: Path, baseline: tuple[str, Path] |
             print(f"sweep {sweep + 1}/{args.sweeps}: {name}", flush=True)
             with starts[name]() as target:
                 if target.cold_start_s is not None:
-                    cold_starts.append(target.cold_start_s)
+                    cold_starts[name].append(target.cold_start_s)
                 with PeakRss(target.pid) as rss:
                     runs[name].append(run_server(name, target, args.duration, reference))
                 if name == DEFAULT:
@@ -327,7 +327,7 @@ def report(names: list[str], runs: dict[str, list[dict[str, Cell]]], sweeps: int
 
 def summary(
     runs: dict[str, list[dict[str, Cell]]],
-    cold_starts: list[float],
+    cold_starts: dict[str, list[float]],
     peak_rss: int,
     limit: dict[str, float],
 ) -> None:
@@ -361,12 +361,16 @@ def summary(
             cpu = (median(DEFAULT, "100 rows, c=8", "cpu"), median(name, "100 rows, c=8", "cpu"))
             print(f"this checkout vs {name[8:]} throughput: {gain}")
             print(f"CPU ms per 100-row request: {cpu[0]:.2f} now, {cpu[1]:.2f} at {name[8:]}")
-    if cold_starts:
+    ours = [s for name in (DEFAULT, LEAN) for s in cold_starts.get(name, [])]
+    if ours:
         print(
-            f"cold start to /readyz: {statistics.median(cold_starts):.2f} s (median of "
-            f"{len(cold_starts)} starts of the project); peak RSS of the default's processes: "
+            f"cold start to /readyz: {statistics.median(ours):.2f} s (median of {len(ours)} "
+            f"starts of this checkout); peak RSS of the default's processes: "
             f"{peak_rss / 2**20:.0f} MiB"
         )
+    for name, starts in cold_starts.items():
+        if name.startswith("project @") and starts:
+            print(f"cold start of {name[8:]}: {statistics.median(starts):.2f} s")
     print(
         f"in-process limit (1 core): {limit['runners']:,.0f} rows/s through the runners' code, "
         f"{limit['sklearn']:,.0f} through pandas + ColumnTransformer + inplace_predict"
