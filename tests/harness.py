@@ -138,7 +138,8 @@ def serving(
     """A ready `bentoml serve` of the service on `port` (default: a free one) with `env` added
     to this environment, its output in `log` (`cwd`: another checkout of the project to serve).
     Stopped afterwards with SIGINT if still running (at once: no drain); whatever is left of it
-    then, its workers included, is SIGKILLed."""
+    then, its workers included, is SIGKILLed. With a BENTOML_HOME set, the server gets a home of
+    its own over that one's store (`own_bentoml_home`)."""
     port = port or free_port()
     home = own_bentoml_home({**os.environ, **(env or {})}.get("BENTOML_HOME"), log)
     if home is not None:
