@@ -48,8 +48,9 @@ class DirectRoutes:
         self.app, self.routes, self.patterns, self.enabled = app, routes, patterns, enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        direct = self._direct(scope) if scope["type"] == "http" else None
-        if direct is None or not self.enabled or scope["method"] != "POST":
+        taken = self.enabled and scope["type"] == "http" and scope["method"] == "POST"
+        direct = self._direct(scope) if taken else None
+        if direct is None:
             await self.app(scope, receive, send)
             return
         body = await _read(receive)
@@ -72,6 +73,7 @@ def bentoml_api(
     """The handler of a BentoML API: `model` its input spec, `method()` its caller (`.local`),
     `server` the Server header BentoML's endpoint wrapper sets."""
     caller = functools.cache(method)  # looked up once the worker's instance exists
+    fields = tuple(model.model_fields)  # the method's keyword arguments
 
     async def handle(scope: Scope, body: bytes) -> Response | None:
         try:
@@ -79,9 +81,7 @@ def bentoml_api(
         except ValidationError:  # BentoML answers it, as any refused body
             return None
         try:
-            response = await caller()(
-                **{field: getattr(request, field) for field in type(request).model_fields}
-            )
+            response = await caller()(**{field: getattr(request, field) for field in fields})
         except Exception:
             LOG.exception("%s failed", scope["path"])
             response = JSONResponse(UNEXPECTED, status_code=500)
